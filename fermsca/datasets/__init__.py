@@ -1,0 +1,1 @@
+"""Datasets: TFDS builders for FER+, CK+ and the built-in synthetic faces, and `load`."""
