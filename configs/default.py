@@ -1,0 +1,69 @@
+"""Default: the built-in `synthetic_faces` set, a few minutes on 2 CPU cores.
+
+Every switch the paper studies is a field here; override any of them from the command line, e.g.
+`python -m fermsca.main --config configs/default.py --config.loss=cross_entropy --config.model.use_se=False`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.dataset = ml_collections.ConfigDict()
+    c.dataset.name = "synthetic_faces"  # synthetic_faces | ferplus | ckplus
+    c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (None: default)
+    c.dataset.manual_dir = ml_collections.config_dict.placeholder(str)  # raw files (FER+, CK+)
+    c.dataset.label_mode = "majority"  # FER+ train: majority | crossentropy | probability | multi_target
+    c.dataset.builder_config = "ckplus48"  # CK+: official | ckplus48
+    c.dataset.frames_per_sequence = 3  # CK+ official: last K frames of each labelled sequence
+    c.dataset.allow_center_crop = False  # CK+ official: centre crop where no face is found
+    c.dataset.protocol = "kfold"  # CK+: kfold (subject-independent) | random (image-level)
+    c.dataset.num_folds = 10
+    c.dataset.fold = 0
+    c.dataset.test_fraction = 0.1
+    c.dataset.split_seed = 0
+
+    # FERNet (Fig. 4). The paper gives no widths: these are ours (~1.25M parameters).
+    c.model = ml_collections.ConfigDict()
+    c.model.stem_width = 64
+    c.model.widths = (64, 128, 256)
+    c.model.use_bn = True  # Table 3: BatchNorm in the multiscale module
+    c.model.use_se = True  # Table 3: SE in the multiscale module
+    c.model.se_reduction = 8
+    c.model.dropout_rate = 0.0
+    c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+
+    c.loss = "cosine"  # cosine (eq. 4) | cross_entropy
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.schedule = "table1"  # table1 (Table 1, scaled to num_epochs) | constant (Table 2)
+    c.optimizer.learning_rate = 1e-3  # for schedule=constant
+    c.optimizer.boundary_epochs = ()  # empty: Table 1 boundaries scaled to num_epochs
+    c.optimizer.values = ()  # empty: Table 1 values
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-7  # Keras' Adam default (the paper's framework)
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 0.0
+
+    # Augmentation (section 3.1): shift 5%, rotation 10 degrees, zoom 0.3; per-image standardisation.
+    c.augment = ml_collections.ConfigDict()
+    c.augment.shift = 0.05
+    c.augment.rotation = 10.0
+    c.augment.zoom = 0.3
+    c.augment.isotropic_zoom = True
+    c.augment.flip = False
+
+    c.num_epochs = 8
+    c.batch_size = 64  # global, over all devices and processes
+    c.eval_batch_size = 256
+
+    c.log_every_steps = 20
+    c.checkpoint_every_epochs = 1
+    c.keep_checkpoints = 2
+    c.async_checkpoints = True
+    c.max_steps = 0  # > 0: stop after this many steps (tests, smoke runs)
+    c.evaluate_test = True  # evaluate best and last checkpoints on the test split at the end
+    return c

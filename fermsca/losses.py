@@ -1,0 +1,59 @@
+"""Losses: the paper's cosine-similarity loss (eq. 4) and soft-target cross-entropy.
+
+Both take logits [B, K] and a target distribution [B, K] (one-hot, or soft FER+ vote distributions) and
+return one loss per example [B]. Optional `weights` [B] (example weights or a 0/1 validity mask) scale
+each example's loss; `weighted_mean` reduces them. All-zero or masked targets give finite values and
+gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-12
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    # maximum() keeps the value and the gradient finite for an all-zero vector.
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _EPS))
+
+
+def cosine_similarity_loss(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """Eq. (4): L = -<y_true, y_pred> / (||y_true|| ||y_pred||), with y_pred = softmax(logits).
+
+    Returns [B]; ranges over [-1, 0] for non-negative targets (-1 when the prediction points exactly
+    along the target).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    targets = targets.astype(jnp.float32)
+    loss = -jnp.sum(_l2_normalize(targets) * _l2_normalize(probs), axis=-1)
+    return loss if weights is None else loss * weights
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
+    """Soft-target cross-entropy -sum_k y_k log softmax(logits)_k, per example [B]."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    loss = -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+    return loss if weights is None else loss * weights
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean of per-example values over the examples with non-zero weight (0 when there are none)."""
+    if weights is None:
+        return jnp.mean(values)
+    return jnp.sum(values) / jnp.maximum(jnp.sum(weights), 1e-9)
+
+
+LOSSES = {"cosine": cosine_similarity_loss, "cross_entropy": cross_entropy}
+
+
+def get(name: str):
+    """The loss named by `config.loss`: 'cosine' (the paper, eq. 4) or 'cross_entropy'."""
+    if name not in LOSSES:
+        raise ValueError(f"config.loss={name!r}: expected one of {sorted(LOSSES)}")
+    return LOSSES[name]
