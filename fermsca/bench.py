@@ -1,0 +1,122 @@
+"""Train-step throughput benchmark: `python -m fermsca.bench [--batch_size 128] [--seconds 30]`.
+
+Times the compiled train step of the paper configuration (configs/ferplus.py model, optimiser, loss and
+augmentation) on random data already on device, after compilation and warm-up, and prints
+`N img/s` with the achieved GFLOP/s (XLA's cost analysis of the step) beside the machine's large-matmul
+GFLOP/s for context. Writes a JSON record with `--output`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def matmul_gflops(n: int = 2048, seconds: float = 3.0, dtype=jnp.float32) -> float:
+    """Sustained GFLOP/s of an n x n matmul on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(a, b).block_until_ready()
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
+    from fermsca import train
+
+    config.batch_size = batch_size
+    num_classes = 8
+    mesh = train.make_mesh()
+    train.check_batch_size("batch_size", batch_size)
+    trainer = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=mesh)
+    state = trainer.init_state()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8)
+    targets = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch_size)]
+    batch = train._global_batch({"image": images, "target": targets}, trainer.batch_sharding)
+    key = jax.random.fold_in(trainer.rng, 2)
+
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch, key).compile()
+    compile_seconds = time.perf_counter() - t0
+    step_flops = _cost_flops(compiled)
+    for _ in range(warmup):
+        state, _ = compiled(state, batch, key)
+    jax.block_until_ready(state)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or steps < 3:
+        state, _ = compiled(state, batch, key)
+        steps += 1
+    jax.block_until_ready(state)
+    elapsed = time.perf_counter() - start
+    img_per_s = steps * batch_size / elapsed
+    return {
+        "batch_size": batch_size,
+        "steps": steps,
+        "seconds": elapsed,
+        "images_per_second": img_per_s,
+        "step_ms": 1000 * elapsed / steps,
+        "compile_seconds": compile_seconds,
+        "step_gflop": step_flops / 1e9 if step_flops else None,
+        "achieved_gflops": step_flops * steps / elapsed / 1e9 if step_flops else None,
+        "dtype": config.model.dtype,
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count()},
+        "jax": jax.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no_matmul", action="store_true", help="skip the matmul reference")
+    parser.add_argument("--output", help="write the record as JSON here")
+    args = parser.parse_args()
+
+    from configs import ferplus
+
+    config = ferplus.get_config()
+    config.model.dtype = args.dtype
+    record = benchmark(config, args.batch_size, args.seconds)
+    if not args.no_matmul:
+        record["matmul_gflops"] = matmul_gflops()
+        if record["achieved_gflops"]:
+            record["fraction_of_matmul"] = record["achieved_gflops"] / record["matmul_gflops"]
+    print(f"{record['images_per_second']:.1f} img/s  (batch {args.batch_size}, "
+          f"{record['step_ms']:.1f} ms/step, {record['device_count']} x "
+          f"{record['device_kind']}, {args.dtype})")
+    if record["achieved_gflops"]:
+        line = f"train step {record['step_gflop']:.2f} GFLOP -> {record['achieved_gflops']:.1f} GFLOP/s"
+        if "matmul_gflops" in record:
+            line += (f" ({100 * record['fraction_of_matmul']:.0f}% of large-matmul "
+                     f"{record['matmul_gflops']:.1f} GFLOP/s)")
+        print(line)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Orbax checkpoints of a training run: the last K for resumption, and the best by validation accuracy.
+
+Layout in the workdir:
+
+    checkpoints/<step>/{state,meta}   the last `keep` checkpoints (state pytree + JSON metadata)
+    best/<step>/{state,meta}          the single best checkpoint by validation accuracy
+
+`meta` holds the run's config, class names, epoch and training history, so a checkpoint is enough to
+rebuild the model (see `load_model_variables`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: missing, corrupt, or incompatible with the config."""
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"params/block1/conv/kernel": shape, ...}; dataclass fields and dict keys read alike."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def shape_mismatches(expected: Any, found: Any) -> list[str]:
+    """Human-readable differences between two pytrees' structures and leaf shapes."""
+    want, have = _shapes(expected), _shapes(found)
+    problems = [f"{k}: checkpoint has {have[k]}, config expects {want[k]}"
+                for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
+    problems += [f"{k}: expected by the config, missing from the checkpoint"
+                 for k in sorted(want.keys() - have.keys())]
+    problems += [f"{k}: in the checkpoint, unknown to the config"
+                 for k in sorted(have.keys() - want.keys())]
+    return problems
+
+
+def _manager(directory: str, keep: int, best: bool, asynchronous: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        best_fn=(lambda m: m["accuracy"]) if best else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=not best,
+        enable_async_checkpointing=asynchronous,
+        create=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("state", "meta"))
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    found = manager.item_metadata(step)["state"]
+    if found is None:
+        raise CheckpointError(f"{manager.directory}/{step}: no state metadata")
+    problems = shape_mismatches(abstract_state, found)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{step} does not match the config:\n  "
+            + "\n  ".join(problems)
+        )
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+
+class RunCheckpoints:
+    """The last `keep` checkpoints and the best one of a run, in `workdir`."""
+
+    def __init__(self, workdir: str, keep: int = 2, asynchronous: bool = True):
+        self.latest = _manager(os.path.join(workdir, LATEST_DIR), keep, False, asynchronous)
+        self.best = _manager(os.path.join(workdir, BEST_DIR), 1, True, asynchronous)
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any],
+             val_accuracy: float | None = None) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(dict(meta)))
+        self.latest.save(step, args=args, force=True)
+        if val_accuracy is not None:
+            self.best.save(step, args=args, metrics={"accuracy": float(val_accuracy)}, force=True)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        """Newest usable checkpoint, falling back to older ones (with a warning) when corrupt.
+
+        A checkpoint whose shapes do not match `abstract_state` is refused with a CheckpointError naming
+        every mismatch: resuming a run under a different config is a mistake, not a fallback case.
+        """
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                return _restore(self.latest, step, abstract_state)
+            except CheckpointError as e:
+                if "does not match the config" in str(e):
+                    raise
+                logging.warning("checkpoint %s/%d is unusable (%s); trying an older one",
+                                self.latest.directory, step, e)
+            except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
+                logging.warning("checkpoint %s/%d is corrupt or partial (%s: %s); trying an older "
+                                "one", self.latest.directory, step, type(e).__name__, e)
+        return None
+
+    def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        step = self.best.best_step()
+        return None if step is None else _restore(self.best, step, abstract_state)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def find_checkpoint(path: str) -> tuple[str, int]:
+    """Resolves a user-given path to (manager directory, step).
+
+    Accepts a workdir (uses its best checkpoint, else its latest), a `checkpoints/` or `best/` folder
+    (its newest step), or one step folder.
+    """
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    candidates = [os.path.join(path, BEST_DIR), os.path.join(path, LATEST_DIR), path]
+    for directory in candidates:
+        steps = _steps_in(directory)
+        if steps:
+            return directory, max(steps)
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return parent, int(name)
+    raise CheckpointError(f"{path}: no checkpoint found (expected a workdir, a {LATEST_DIR}/ or "
+                          f"{BEST_DIR}/ folder, or one numbered step folder)")
+
+
+def _steps_in(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return [int(d) for d in os.listdir(directory)
+            if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))]
+
+
+def load_checkpoint(path: str) -> tuple[dict, dict]:
+    """Reads a checkpoint for inference: ({'params', 'batch_stats'} as NumPy, meta dict).
+
+    `meta["config"]` is the run's config as a JSON string and `meta["class_names"]` the label names.
+    """
+    directory, step = find_checkpoint(path)
+    step_dir = os.path.join(directory, str(step))
+    try:
+        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir}/meta: unreadable checkpoint metadata ({e})") from e
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            state = ckptr.restore(os.path.join(step_dir, "state"))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{step_dir}/state: corrupt or unreadable checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    return jax.tree.map(np.asarray, variables), meta

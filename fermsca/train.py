@@ -1,0 +1,490 @@
+"""Training and evaluation: TrainState, pure train/eval steps, and the loop that owns I/O.
+
+One code path for 1 CPU, simulated CPU devices, N GPUs and M hosts: the steps are `jax.jit`-compiled
+over a 1-D device `Mesh` ("data"), the batch is sharded along it with `NamedSharding` and the state is
+replicated, so BatchNorm statistics and gradients are over the global batch. Each process feeds its
+own slice of the global batch (`jax.make_array_from_process_local_data`).
+"""
+
+
+import functools
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, metrics, periodic_actions
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fermsca import augment, checkpoint, datasets, input_pipeline, losses, models, report, schedules
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; a pytree of arrays (checkpointed as is)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Accuracy
+    nonfinite: metrics.Average.from_output("nonfinite")
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Accuracy
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient."""
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       image_size: int = 48) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
+               augment_config: Any) -> tuple[TrainState, TrainMetrics]:
+    """One optimisation step on a global batch {"image": uint8 [B,48,48,1], "target": [B,K]}.
+
+    Augmentation runs on device with a key derived from (rng, step). A step whose loss or gradients
+    are not finite leaves the state unchanged and is counted in `nonfinite`; the loop stops the run.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    aug_rng, dropout_rng = jax.random.split(step_rng)
+    images = augment.augment(aug_rng, batch["image"], augment_config)
+    targets = batch["target"]
+
+    def loss_and_aux(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        per_example = loss_fn(logits, targets)
+        return jnp.mean(per_example), (logits, per_example, updates.get("batch_stats", {}))
+
+    grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
+    (loss, (logits, per_example, batch_stats)), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    labels = jnp.argmax(targets, axis=-1).astype(jnp.int32)
+    step_metrics = TrainMetrics.single_from_model_output(
+        loss=per_example, logits=logits, labels=labels,
+        nonfinite=jnp.logical_not(ok).astype(jnp.float32)[None])
+    return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              loss_fn: Callable, num_classes: int) -> tuple[EvalMetrics, jax.Array]:
+    """Metrics and a [K, K] confusion matrix (true, predicted) over the unmasked examples."""
+    images = augment.preprocess(batch["image"])
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                         train=False)
+    mask = batch["mask"]
+    labels = jnp.argmax(batch["target"], axis=-1).astype(jnp.int32)
+    preds = jnp.argmax(logits, axis=-1)
+    confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, preds].add(mask)
+    step_metrics = EvalMetrics.single_from_model_output(
+        loss=loss_fn(logits, batch["target"]), logits=logits, labels=labels, mask=mask)
+    return step_metrics, confusion
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    # Auto axes: the compiler propagates shardings from the inputs (batch sharded, state replicated).
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_batch_size(name: str, batch_size: int) -> None:
+    devices, processes = jax.device_count(), jax.process_count()
+    if batch_size % devices or batch_size % processes:
+        raise ValueError(
+            f"config.{name}={batch_size} must be divisible by the number of devices "
+            f"({devices}) and processes ({processes}); e.g. use "
+            f"{max(devices, processes) * max(1, round(batch_size / devices))}")
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class Trainer:
+    """Compiled steps for one model/config over a mesh."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
+                 mesh: jax.sharding.Mesh):
+        self.config = config
+        self.num_classes = num_classes
+        self.mesh = mesh
+        self.model = models.from_config(config.model, num_classes)
+        self.tx = schedules.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
+        self.schedule = schedules.create_schedule(config.optimizer, steps_per_epoch,
+                                                  config.num_epochs)
+        self.loss_fn = losses.get(config.loss)
+        self.replicated = NamedSharding(mesh, P())
+        self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        self.rng = jax.random.key(config.seed)
+
+        init = functools.partial(create_train_state, model=self.model, tx=self.tx)
+        self._init = jax.jit(init, out_shardings=self.replicated)
+        self.train_step = jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
+                              augment_config=config.augment),
+            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,))
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn,
+                              num_classes=num_classes),
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=(self.replicated, self.replicated))
+
+    def init_state(self) -> TrainState:
+        return self._init(jax.random.fold_in(self.rng, 1))
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self.init_state)
+
+    def place(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.replicated)
+
+    def train(self, state: TrainState, batch: dict[str, np.ndarray]):
+        return self.train_step(state, _global_batch(batch, self.batch_sharding),
+                               jax.random.fold_in(self.rng, 2))
+
+    def evaluate(self, state: TrainState, split: Any, batch_size: int) -> dict:
+        """Loss, accuracy and confusion matrix over every example of `split` exactly once."""
+        total, confusion = None, None
+        for batch in input_pipeline.eval_iterator(split, global_batch_size=batch_size):
+            m, cm = self.eval_step(state, _global_batch(batch, self.batch_sharding))
+            total = m if total is None else total.merge(m)
+            confusion = cm if confusion is None else confusion + cm
+        computed = total.compute()
+        return {"loss": float(computed["loss"]), "accuracy": float(computed["accuracy"]),
+                "confusion_matrix": np.asarray(jax.device_get(confusion)).round().astype(int)}
+
+
+class _ThroughputTimer:
+    """Images per second over timed stretches of training (started after compilation)."""
+
+    def __init__(self):
+        self.images, self.seconds, self._since, self._started = 0, 0.0, None, False
+
+    def start(self, state: Any) -> None:
+        jax.block_until_ready(state)
+        self._started, self._since = True, time.perf_counter()
+
+    def count(self, images: int) -> None:
+        if self._since is not None:
+            self.images += images
+
+    def pause(self, state: Any) -> None:
+        if self._since is not None:
+            jax.block_until_ready(state)
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        if self._started:
+            self._since = time.perf_counter()
+
+    def images_per_second(self) -> float | None:
+        return self.images / self.seconds if self.seconds else None
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+
+def _versions() -> dict[str, str]:
+    import orbax.checkpoint
+    import tensorflow_datasets
+
+    import fermsca
+
+    return {"fermsca": fermsca.__version__, "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+            "flax": flax.__version__, "optax": optax.__version__,
+            "orbax_checkpoint": orbax.checkpoint.__version__,
+            "tensorflow_datasets": tensorflow_datasets.__version__,
+            "python": platform.python_version()}
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _epoch_history_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
+    return {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+            "validation_loss": val["loss"], "validation_accuracy": val["accuracy"],
+            "learning_rate": lr}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, validates every epoch, checkpoints, and writes results.json and figures to `workdir`.
+
+    Returns the results dict ("status" is "completed" or "preempted").
+    """
+    start_time = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    check_batch_size("batch_size", config.batch_size)
+    check_batch_size("eval_batch_size", config.eval_batch_size)
+    mesh = make_mesh()
+    is_chief = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+
+    data = datasets.load(config.dataset, required=("train", "validation"))
+    logging.info("dataset %s:\n%s", data.name, datasets.describe(data))
+    train_split = data.splits["train"]
+    num_train = len(train_split.images)
+    steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+    num_steps = steps_per_epoch * config.num_epochs
+    if config.max_steps:
+        num_steps = min(num_steps, config.max_steps)
+    num_classes = len(data.class_names)
+
+    trainer = Trainer(config, num_classes, steps_per_epoch, mesh)
+    ckpts = checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints,
+                                      asynchronous=config.async_checkpoints)
+    state = trainer.init_state()
+    history: list[dict] = []
+    restored = ckpts.restore_latest(trainer.abstract_state())
+    if restored is not None:
+        state, meta = restored
+        state = trainer.place(state)
+        history = list(meta.get("history", []))
+        logging.info("resumed from step %d (epoch %s)", int(state.step), meta.get("epoch"))
+    start_step = int(state.step)
+    meta_base = {"config": config.to_json(), "class_names": list(data.class_names),
+                 "dataset": data.name}
+
+    def save(step: int, epoch: float, val_accuracy: float | None) -> None:
+        ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history},
+                   val_accuracy=val_accuracy)
+
+    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                               every_steps=config.log_every_steps)
+    train_iter: Iterator = input_pipeline.train_iterator(
+        train_split, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+    logging.info("training %d steps (%d per epoch) from step %d on %d %s device(s), %d process(es)",
+                 num_steps, steps_per_epoch, start_step, jax.device_count(),
+                 jax.devices()[0].device_kind, jax.process_count())
+
+    status = "completed"
+    train_metrics = epoch_metrics = None
+    # Training throughput over the steps after the first (compilation), evaluation excluded.
+    timer = _ThroughputTimer()
+    with _Preemption() as preemption:
+        for step in range(start_step, num_steps):
+            if step == start_step + 1:
+                timer.start(state)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, m = trainer.train(state, next(train_iter))
+            train_metrics = m if train_metrics is None else train_metrics.merge(m)
+            epoch_metrics = m if epoch_metrics is None else epoch_metrics.merge(m)
+            timer.count(config.batch_size)
+            progress(step + 1)
+            done = step + 1 == num_steps
+            end_of_epoch = (step + 1) % steps_per_epoch == 0 or done
+            if (step + 1) % config.log_every_steps == 0 or end_of_epoch:
+                computed = train_metrics.compute()
+                _check_finite(computed, step + 1, ckpts)
+                writer.write_scalars(step + 1, {
+                    "train_loss": computed["loss"], "train_accuracy": computed["accuracy"],
+                    "learning_rate": float(trainer.schedule(step))})
+                train_metrics = None
+            if end_of_epoch:
+                timer.pause(state)
+                epoch = (step + 1) / steps_per_epoch
+                train_epoch = {k: float(v) for k, v in epoch_metrics.compute().items()}
+                epoch_metrics = None
+                val = trainer.evaluate(state, data.splits["validation"], config.eval_batch_size)
+                writer.write_scalars(step + 1, {"validation_loss": val["loss"],
+                                                "validation_accuracy": val["accuracy"]})
+                history.append(_epoch_history_row(round(epoch, 4), train_epoch, val,
+                                                  float(trainer.schedule(step))))
+                logging.info("epoch %.2f: train loss %.4f acc %.4f | validation loss %.4f acc "
+                             "%.4f", epoch, train_epoch["loss"], train_epoch["accuracy"],
+                             val["loss"], val["accuracy"])
+                epoch_index = (step + 1) // steps_per_epoch
+                if done or epoch_index % config.checkpoint_every_epochs == 0:
+                    save(step + 1, epoch, val["accuracy"])
+                timer.resume()
+            if not done and preemption.any_process():
+                save(step + 1, (step + 1) / steps_per_epoch, None)
+                status = "preempted"
+                break
+    timer.pause(state)
+    ckpts.wait()
+    writer.flush()
+    if status == "preempted":
+        ckpts.close()
+        logging.warning("preempted at step %d; rerun with the same --workdir to resume",
+                        int(state.step))
+        return {"status": status, "step": int(state.step)}
+
+    results = _final_report(config, workdir, data, trainer, state, ckpts, history,
+                            num_steps, steps_per_epoch)
+    results.update({
+        "status": status,
+        "wall_time_seconds": time.time() - start_time,
+        "train_images_per_second": timer.images_per_second(),
+    })
+    ckpts.close()
+    if is_chief:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        logging.info("wrote %s", os.path.join(workdir, "results.json"))
+    writer.close()
+    return results
+
+
+def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -> None:
+    if float(computed["nonfinite"]) > 0 or not np.isfinite(float(computed["loss"])):
+        ckpts.wait()
+        last = ckpts.latest.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient before step {step}; the run is stopped. "
+            f"Last good checkpoint: {'none' if last is None else f'step {last}'} in "
+            f"{ckpts.latest.directory}. Lower the learning rate or check the data.")
+
+
+def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        elif isinstance(v, bool | int | float | str):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def _final_report(config, workdir, data, trainer: Trainer, state, ckpts, history, num_steps,
+                  steps_per_epoch) -> dict:
+    """Evaluates the best and last checkpoints on test (validation if there is no test split)."""
+    eval_name = "test" if ("test" in data.splits and config.evaluate_test) else "validation"
+    eval_split = data.splits[eval_name]
+    evaluations = {}
+    best = ckpts.restore_best(trainer.abstract_state())
+    candidates = [("last", state)]
+    if best is not None:
+        best_state, best_meta = best
+        candidates.insert(0, ("best", trainer.place(best_state)))
+    for name, s in candidates:
+        result = trainer.evaluate(s, eval_split, config.eval_batch_size)
+        summary = report.confusion_metrics(result["confusion_matrix"], data.class_names)
+        summary.update(loss=result["loss"], step=int(s.step),
+                       epoch=int(s.step) / steps_per_epoch)
+        evaluations[name] = summary
+        if jax.process_index() == 0:
+            report.plot_confusion_matrix(
+                result["confusion_matrix"], data.class_names,
+                os.path.join(workdir, f"confusion_matrix_{name}.png"),
+                title=f"{data.name} {eval_name}, {name} checkpoint "
+                      f"(acc {summary['accuracy']:.4f})")
+    if jax.process_index() == 0 and history:
+        report.plot_training_curves(history, os.path.join(workdir, "training_curves.png"))
+    devices = jax.devices()
+    return {
+        "config": json.loads(config.to_json()),
+        "dataset": {
+            "name": data.name,
+            "class_names": list(data.class_names),
+            "split_sizes": {k: int(len(v.images)) for k, v in data.splits.items()},
+            "split_counts": {k: dict(v.counts) for k, v in data.splits.items()},
+        },
+        "evaluated_split": eval_name,
+        "evaluations": evaluations,
+        "accuracy": evaluations.get("best", evaluations["last"])["accuracy"],
+        "best_validation_accuracy": max((h["validation_accuracy"] for h in history),
+                                        default=None),
+        "epochs": num_steps / steps_per_epoch,
+        "steps": num_steps,
+        "history": history,
+        "parameters": models.count_params(state.params),
+        "versions": _versions(),
+        "device_kind": devices[0].device_kind,
+        "platform": devices[0].platform,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+                 "processor": platform.processor()},
+        "git_commit": _git_commit(),
+        "seed": config.seed,
+    }
