@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.fold = 0
     c.dataset.test_fraction = 0.1
     c.dataset.split_seed = 0
+    c.dataset.train_subset = 0  # > 0: train on the first N training examples only (quick runs)
 
     # FERNet (Fig. 4). The paper gives no widths: these are ours (~1.25M parameters).
     c.model = ml_collections.ConfigDict()
@@ -62,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 20
     c.checkpoint_every_epochs = 1
+    c.checkpoint_every_steps = 0  # > 0: also checkpoint every N steps (long epochs)
     c.keep_checkpoints = 2
     c.async_checkpoints = True
     c.max_steps = 0  # > 0: stop after this many steps (tests, smoke runs)

@@ -43,7 +43,10 @@ def cross_entropy(
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Mean of per-example values over the examples with non-zero weight (0 when there are none)."""
+    """sum(values) / sum(weights): the weighted mean of losses already multiplied by `weights`.
+
+    Pass the per-example output of a loss called with the same `weights`; 0 when all weights are 0.
+    """
     if weights is None:
         return jnp.mean(values)
     return jnp.sum(values) / jnp.maximum(jnp.sum(weights), 1e-9)

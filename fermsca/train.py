@@ -7,6 +7,7 @@ own slice of the global batch (`jax.make_array_from_process_local_data`).
 """
 
 
+import dataclasses
 import functools
 import json
 import logging
@@ -309,6 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = datasets.load(config.dataset, required=("train", "validation"))
     logging.info("dataset %s:\n%s", data.name, datasets.describe(data))
     train_split = data.splits["train"]
+    if config.dataset.get("train_subset"):
+        train_split = _subset(train_split, config.dataset.train_subset)
     num_train = len(train_split.images)
     steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
     num_steps = steps_per_epoch * config.num_epochs
@@ -384,6 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if done or epoch_index % config.checkpoint_every_epochs == 0:
                     save(step + 1, epoch, val["accuracy"])
                 timer.resume()
+            elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+                save(step + 1, (step + 1) / steps_per_epoch, None)
             if not done and preemption.any_process():
                 save(step + 1, (step + 1) / steps_per_epoch, None)
                 status = "preempted"
@@ -411,6 +416,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("wrote %s", os.path.join(workdir, "results.json"))
     writer.close()
     return results
+
+
+def _subset(split: Any, n: int) -> Any:
+    """The first `n` examples of a split (quick runs on part of the training data)."""
+    counts = {**split.counts, "train_subset": int(min(n, len(split.images)))}
+    return dataclasses.replace(split, images=split.images[:n], targets=split.targets[:n],
+                               file_names=split.file_names[:n], counts=counts)
 
 
 def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -> None:

@@ -1,0 +1,42 @@
+"""Runs a few train steps on fixed data with however many devices JAX sees; saves the params.
+
+Used by tests/test_train.py in a subprocess with XLA_FLAGS set to simulate CPU devices:
+    python tests/_train_steps.py OUT.npz [STEPS]
+"""
+
+import sys
+
+import jax
+import numpy as np
+
+from configs import default
+from fermsca import train
+
+
+def tiny_config():
+    c = default.get_config()
+    c.model.stem_width = 8
+    c.model.widths = (8, 16, 16)
+    c.batch_size = 16
+    c.num_epochs = 1
+    return c
+
+
+def main(out: str, steps: int = 3) -> None:
+    config = tiny_config()
+    trainer = train.Trainer(config, num_classes=8, steps_per_epoch=100, mesh=train.make_mesh())
+    state = trainer.init_state()
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        images = rng.integers(0, 256, (config.batch_size, 48, 48, 1), dtype=np.uint8)
+        labels = rng.integers(0, 8, config.batch_size)
+        targets = np.eye(8, dtype=np.float32)[labels]
+        state, _ = trainer.train(state, {"image": images, "target": targets})
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(
+        {"params": state.params, "batch_stats": state.batch_stats}))[0]
+    np.savez(out, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in flat},
+             __devices=np.array(jax.device_count()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)

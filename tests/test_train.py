@@ -1,0 +1,248 @@
+"""The training driver end to end: CLI run, multi-device and multi-process agreement, resume after
+kill -9, SIGTERM, corrupt checkpoints, NaN stop, config mismatch.
+
+Runs use a tiny network on a 256-image subset of the built-in synthetic set, in subprocesses (the CLI
+as a user runs it, and XLA_FLAGS must be set before JAX starts).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fermsca import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.model.stem_width=8",
+    "--config.model.widths=(8,16,16)",
+    "--config.dataset.train_subset=256",
+    "--config.batch_size=32",
+    "--config.eval_batch_size=200",
+    "--config.num_epochs=3",
+    "--config.log_every_steps=4",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The synthetic set built once into a private TFDS data dir."""
+    import ml_collections
+
+    from fermsca import datasets
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    cfg = ml_collections.ConfigDict({"name": "synthetic_faces", "data_dir": path})
+    datasets.load(cfg, required=("train", "validation", "test"))
+    return path
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+def _main_cmd(workdir, data_dir, *overrides) -> list[str]:
+    return [sys.executable, "-m", "fermsca.main", "--config", "configs/default.py",
+            f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *TINY, *overrides]
+
+
+def run_main(workdir, data_dir, *overrides, devices=1, check=True, timeout=600):
+    proc = subprocess.run(_main_cmd(workdir, data_dir, *overrides), cwd=REPO, env=_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def final_params(workdir) -> dict[str, np.ndarray]:
+    variables, _ = checkpoint.load_checkpoint(os.path.join(workdir, checkpoint.LATEST_DIR))
+    import jax
+
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def assert_same_params(a, b, rtol=0.0, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+def committed_steps(workdir) -> list[int]:
+    d = os.path.join(workdir, checkpoint.LATEST_DIR)
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(s) for s in os.listdir(d)
+                  if s.isdigit() and os.path.exists(os.path.join(d, s, "_CHECKPOINT_METADATA")))
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="session")
+def reference_run(data_dir, tmp_path_factory):
+    """One uninterrupted tiny run: 3 epochs of 8 steps."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    proc = run_main(workdir, data_dir)
+    return workdir, proc
+
+
+def test_cli_run_writes_results_checkpoints_and_events(reference_run):
+    workdir, proc = reference_run
+    assert "accuracy" in proc.stdout and "results.json" in proc.stdout
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["status"] == "completed"
+    assert results["steps"] == 24 and results["epochs"] == 3
+    assert results["dataset"]["split_sizes"]["train"] == 256
+    assert results["evaluated_split"] == "test"
+    best = results["evaluations"]["best"]
+    assert best["num_examples"] == results["dataset"]["split_sizes"]["test"]
+    cm = np.array(best["confusion_matrix"])
+    assert cm.shape == (8, 8) and cm.sum() == best["num_examples"]
+    assert abs(np.trace(cm) / cm.sum() - best["accuracy"]) < 1e-9
+    assert len(results["history"]) == 3
+    for key in ("versions", "device_kind", "device_count", "git_commit", "seed", "wall_time_seconds",
+                "train_images_per_second", "parameters"):
+        assert key in results
+    assert results["train_images_per_second"] > 0
+    assert committed_steps(workdir) == [16, 24]  # keep_checkpoints=2
+    assert os.listdir(os.path.join(workdir, checkpoint.BEST_DIR))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    for png in ("confusion_matrix_best.png", "confusion_matrix_last.png", "training_curves.png"):
+        with open(os.path.join(workdir, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eight_simulated_devices_match_one(tmp_path):
+    """Same global batch over 1 and 8 devices: same parameters after 3 steps (BN over the global batch)."""
+    out = {}
+    for devices in (1, 8):
+        path = tmp_path / f"params{devices}.npz"
+        subprocess.run([sys.executable, "tests/_train_steps.py", str(path), "3"], cwd=REPO,
+                       env=_env(devices), check=True, capture_output=True, timeout=300)
+        data = dict(np.load(path))
+        assert int(data.pop("__devices")) == devices
+        out[devices] = data
+    assert_same_params(out[1], out[8], rtol=2e-4, atol=2e-6)
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path, data_dir):
+    proc = run_main(tmp_path, data_dir, "--config.batch_size=30", devices=4, check=False)
+    assert proc.returncode != 0
+    assert "config.batch_size=30 must be divisible by the number of devices (4)" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_and_agree(tmp_path, data_dir, reference_run):
+    """jax.distributed on localhost: 2 processes x 1 device, each feeding half of every batch."""
+    workdir = str(tmp_path / "two")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _main_cmd(workdir, data_dir, f"--coordinator_address=localhost:{port}",
+                  "--num_processes=2", f"--process_id={i}"),
+        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["process_count"] == 2 and results["device_count"] == 2
+    assert_same_params(final_params(reference_run[0]), final_params(workdir), rtol=1e-3, atol=1e-5)
+
+
+def test_kill9_and_resume_matches_uninterrupted(tmp_path, data_dir, reference_run):
+    workdir = str(tmp_path / "killed")
+    proc = subprocess.Popen(_main_cmd(workdir, data_dir), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: committed_steps(workdir), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(workdir, "results.json")), "finished before the kill"
+    assert max(committed_steps(workdir)) < 24
+    resumed = run_main(workdir, data_dir)
+    assert "resumed from step" in resumed.stderr
+    assert_same_params(final_params(reference_run[0]), final_params(workdir))
+
+
+def test_sigterm_saves_and_resumes(tmp_path, data_dir, reference_run):
+    workdir = str(tmp_path / "preempted")
+    proc = subprocess.Popen(_main_cmd(workdir, data_dir, "--config.num_epochs=3"), cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: committed_steps(workdir), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted at step" in out
+    step = int(out.split("preempted at step")[1].split(":")[0])
+    assert step in committed_steps(workdir)
+    run_main(workdir, data_dir)
+    assert_same_params(final_params(reference_run[0]), final_params(workdir))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, reference_run, caplog):
+    import shutil
+
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(reference_run[0], workdir)
+    latest = os.path.join(workdir, checkpoint.LATEST_DIR, "24", "state")
+    for root, _, files in os.walk(latest):
+        for name in files:
+            if name not in ("_CHECKPOINT_METADATA",):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"\x00garbage")
+    proc = run_main(workdir, data_dir)
+    assert "checkpoint" in proc.stderr and "trying an older one" in proc.stderr
+    assert "resumed from step 16" in proc.stderr
+    assert_same_params(final_params(reference_run[0]), final_params(workdir))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, data_dir, reference_run):
+    import shutil
+
+    workdir = str(tmp_path / "mismatch")
+    shutil.copytree(reference_run[0], workdir)
+    proc = run_main(workdir, data_dir, "--config.model.widths=(8,16,24)", check=False)
+    assert proc.returncode != 0
+    assert "does not match the config" in proc.stderr
+    assert "params/block3/conv/kernel: checkpoint has (3, 3, 16, 16), config expects (3, 3, 24, 24)" \
+        in proc.stderr
+
+
+def test_nan_loss_stops_the_run(tmp_path, data_dir):
+    workdir = str(tmp_path / "nan")
+    proc = run_main(workdir, data_dir, "--config.optimizer.schedule=constant",
+                    "--config.optimizer.learning_rate=1e30", "--config.checkpoint_every_steps=1",
+                    check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient" in proc.stderr
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+    steps = committed_steps(workdir)
+    if steps:  # every checkpoint left behind holds finite parameters
+        for v in final_params(workdir).values():
+            assert np.all(np.isfinite(v))
