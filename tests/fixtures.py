@@ -1,0 +1,232 @@
+"""Writers for tiny copies of the published dataset layouts (FER+ folders and csv, CK+, CK+48).
+
+Everything is generated at test time into a temporary folder; no data files live in the repo.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+VOTE_COLUMNS = (
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "NF",
+)
+
+# Hand-picked vote rows with their fate under each label mode (see labels.py); mode -> target or
+# the rule that drops the row. Targets are over the 8 emotions.
+VOTE_CASES = [
+    # votes, {mode: target [8] or rule}
+    (
+        [10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        {
+            "majority": [1, 0, 0, 0, 0, 0, 0, 0],
+            "crossentropy": [1, 0, 0, 0, 0, 0, 0, 0],
+            "multi_target": [1, 0, 0, 0, 0, 0, 0, 0],
+        },
+    ),
+    (  # single votes are outliers: only the 7 count
+        [7, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        {
+            "majority": [1, 0, 0, 0, 0, 0, 0, 0],
+            "crossentropy": [1, 0, 0, 0, 0, 0, 0, 0],
+            "multi_target": [1, 0, 0, 0, 0, 0, 0, 0],
+        },
+    ),
+    (  # 6 + 4 of 10: majority neutral; crossentropy 0.6 / 0.4; multi-target both equally
+        [6, 0, 0, 0, 4, 0, 0, 0, 0, 0],
+        {
+            "majority": [1, 0, 0, 0, 0, 0, 0, 0],
+            "crossentropy": [0.6, 0, 0, 0, 0.4, 0, 0, 0],
+            "multi_target": [0.5, 0, 0, 0, 0.5, 0, 0, 0],
+        },
+    ),
+    (  # 4,3,2 of 9 after dropping the single vote: no majority; top two cover 7 >= 6.75
+        [4, 3, 2, 1, 0, 0, 0, 0, 0, 0],
+        {
+            "majority": "no_majority",
+            "crossentropy": [4 / 7, 3 / 7, 0, 0, 0, 0, 0, 0],
+            "multi_target": [0.5, 0.5, 0, 0, 0, 0, 0, 0],
+        },
+    ),
+    (  # 4 then a tie 3,3: three categories, 10 of 10 votes
+        [4, 0, 0, 3, 3, 0, 0, 0, 0, 0],
+        {
+            "majority": "no_majority",
+            "crossentropy": [0.4, 0, 0, 0.3, 0.3, 0, 0, 0],
+            "multi_target": [1 / 3, 0, 0, 1 / 3, 1 / 3, 0, 0, 0],
+        },
+    ),
+    (  # 3,3 then a tie 2,2: four categories taken at once
+        [3, 3, 2, 2, 0, 0, 0, 0, 0, 0],
+        {
+            "majority": "no_majority",
+            "crossentropy": "too_many_ties",
+            "multi_target": [0.5, 0.5, 0, 0, 0, 0, 0, 0],
+        },
+    ),
+    (  # unknown is the top: dropped everywhere
+        [0, 0, 0, 0, 0, 0, 0, 0, 8, 2],
+        {"majority": "top_not_emotion", "crossentropy": "top_not_emotion", "multi_target": "top_not_emotion"},
+    ),
+    (  # 5 neutral, then unknown stops the search at 5 of 10; multi-target counts unknown's 3
+        [5, 0, 0, 0, 0, 0, 0, 0, 3, 2],
+        {"majority": "no_majority", "crossentropy": "low_coverage", "multi_target": [1, 0, 0, 0, 0, 0, 0, 0]},
+    ),
+    (  # 2 neutral ties with unknown and NF: only 2 of 6 covered by crossentropy
+        [2, 0, 0, 0, 0, 0, 0, 0, 2, 2],
+        {"majority": "no_majority", "crossentropy": "low_coverage", "multi_target": [1, 0, 0, 0, 0, 0, 0, 0]},
+    ),
+    (  # five categories tie at 20% each: too many for crossentropy, none reaches 30%
+        [2, 2, 2, 2, 2, 0, 0, 0, 0, 0],
+        {"majority": "no_majority", "crossentropy": "too_many_ties", "multi_target": "low_coverage"},
+    ),
+    (  # every tagger alone: nothing is left
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        {"majority": "no_votes", "crossentropy": "no_votes", "multi_target": "no_votes"},
+    ),
+]
+
+FERPLUS_SOURCE = Path("/tmp/ferplus")
+FERPLUS_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ferplus-trainvalid.tar.gz"
+
+
+def noise_image(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    return rng.integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def write_png(path: str | os.PathLike, pixels: np.ndarray, mode: str | None = None) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = Image.fromarray(pixels)
+    if mode is not None:
+        image = image.convert(mode)
+    image.save(path)
+
+
+def ferplus_contents(rows_per_split: dict[str, int], seed: int = 0) -> dict[str, list]:
+    """Per split, rows (name, votes, image); names follow the FER2013 row order across splits."""
+    rng = np.random.default_rng(seed)
+    contents, index = {}, 0
+    for split, count in rows_per_split.items():
+        rows = []
+        for _ in range(count):
+            votes = VOTE_CASES[index % len(VOTE_CASES)][0]
+            rows.append((f"fer{index:07d}.png", list(votes), noise_image(rng)))
+            index += 1
+        contents[split] = rows
+    return contents
+
+
+FOLDERS = {"train": "FER2013Train", "validation": "FER2013Valid", "test": "FER2013Test"}
+USAGES = {"train": "Training", "validation": "PublicTest", "test": "PrivateTest"}
+
+
+def write_ferplus_folders(root, contents: dict[str, list], with_box: bool = True) -> None:
+    """FERPlus `generate_training_data.py` layout: FER2013*/label.csv (no header) + PNGs."""
+    for split, rows in contents.items():
+        folder = os.path.join(root, FOLDERS[split])
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "label.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            for name, votes, image in rows:
+                box = ["(0, 0, 48, 48)"] if with_box else []
+                writer.writerow([name] + box + votes)
+                write_png(os.path.join(folder, name), image)
+
+
+def write_ferplus_csv(root, contents: dict[str, list], dropped_rows: dict[str, int] | None = None):
+    """Kaggle fer2013.csv + Microsoft fer2013new.csv, row-aligned. `dropped_rows` appends, per
+    split, rows with a blank image name (images FER+ removed) after all the others."""
+    rows = [(split, *row) for split in ("train", "validation", "test") for row in contents.get(split, [])]
+    blank = ("", [0] * 9 + [10], np.zeros((48, 48), np.uint8))
+    rows += [(split, *blank) for split, n in (dropped_rows or {}).items() for _ in range(n)]
+    fer = [["emotion", "pixels", "Usage"]]
+    plus = [["Usage", "Image name", *VOTE_COLUMNS]]
+    for index, (split, name, votes, image) in enumerate(rows):
+        assert name in ("", f"fer{index:07d}.png"), "rows must follow the FER2013 order"
+        fer.append([0, " ".join(str(int(v)) for v in image.ravel()), USAGES[split]])
+        plus.append([USAGES[split], name, *votes])
+    for name, table in (("fer2013.csv", fer), ("fer2013new.csv", plus)):
+        with open(os.path.join(root, name), "w", newline="") as f:
+            csv.writer(f).writerows(table)
+
+
+# --------------------------------------------------------------------------------------------
+# Real faces (for the Haar cascade) from the development copy of FER+, when present.
+
+
+def real_faces(count: int) -> list[np.ndarray] | None:
+    """Up to `count` 48x48 FER2013 faces, or None when no local FER+ copy is available."""
+    label_file = FERPLUS_SOURCE / "FER2013Train" / "label.csv"
+    faces = []
+    if label_file.is_file():
+        with open(label_file) as f:
+            for row in csv.reader(f):
+                path = label_file.parent / row[0]
+                if path.is_file():
+                    faces.append(np.asarray(Image.open(path).convert("L")))
+                if len(faces) >= count:
+                    break
+        return faces or None
+    if FERPLUS_ARCHIVE.is_file():
+        with tarfile.open(FERPLUS_ARCHIVE, "r|gz") as archive:
+            for member in archive:
+                if member.isfile() and member.name.endswith(".png"):
+                    data = archive.extractfile(member)
+                    faces.append(np.asarray(Image.open(data).convert("L")))
+                    if len(faces) >= count:
+                        break
+        return faces or None
+    return None
+
+
+def ck_frame(face: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """A 640x490 CK+-like frame: a face upscaled to 240 px on a gray field (or no face)."""
+    import cv2
+
+    frame = np.full((490, 640), 120, np.uint8)
+    frame = np.clip(frame + rng.normal(0, 3, frame.shape), 0, 255).astype(np.uint8)
+    if face is not None:
+        frame[110:350, 200:440] = cv2.resize(face, (240, 240), interpolation=cv2.INTER_CUBIC)
+    return frame
+
+
+def write_ckplus_official(root, sequences) -> list[tuple[str, int]]:
+    """CK+ release layout. `sequences`: (subject, sequence, emotion text or None, frames [F]).
+
+    Returns the paths (relative to root) and ranks of the frames a 3-frame build should keep.
+    """
+    expected = []
+    for subject, sequence, emotion, frames in sequences:
+        image_dir = os.path.join(root, "cohn-kanade-images", subject, sequence)
+        names = [f"{subject}_{sequence}_{k + 1:08d}.png" for k in range(len(frames))]
+        for name, frame in zip(names, frames, strict=True):
+            write_png(os.path.join(image_dir, name), frame)
+        label_dir = os.path.join(root, "Emotion", subject, sequence)
+        os.makedirs(label_dir, exist_ok=True)
+        if emotion is not None:
+            last = names[-1][:-4] if names else f"{subject}_{sequence}_00000001"
+            with open(os.path.join(label_dir, f"{last}_emotion.txt"), "w") as f:
+                f.write(f"   {emotion}\n")
+            for rank, name in enumerate(reversed(names[-3:])):
+                expected.append((os.path.join("cohn-kanade-images", subject, sequence, name), rank))
+    return expected
+
+
+def write_ckplus48(root, entries) -> None:
+    """CK+48 layout: CK+48/<class>/S###_###_########.png. `entries`: (class, file name, image)."""
+    for label, name, image in entries:
+        write_png(os.path.join(root, "CK+48", label, name), image)
