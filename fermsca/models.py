@@ -34,7 +34,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     Same values; its gradient is elementwise (XLA's CPU select-and-scatter is several times slower).
     """
     b, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    x = jax.lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
@@ -46,8 +46,11 @@ def max_pool_3x3_same(x: jax.Array) -> jax.Array:
     """
     h, w = x.shape[1], x.shape[2]
     p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    rows = jnp.maximum(jnp.maximum(p[:, 0:h], p[:, 1 : h + 1]), p[:, 2 : h + 2])
-    return jnp.maximum(jnp.maximum(rows[:, :, 0:w], rows[:, :, 1 : w + 1]), rows[:, :, 2 : w + 2])
+    # lax slices (not NumPy indexing) stay static slices under a symbolic batch size (export).
+    rows = [jax.lax.slice_in_dim(p, i, i + h, axis=1) for i in range(3)]
+    rows = jnp.maximum(jnp.maximum(rows[0], rows[1]), rows[2])
+    cols = [jax.lax.slice_in_dim(rows, j, j + w, axis=2) for j in range(3)]
+    return jnp.maximum(jnp.maximum(cols[0], cols[1]), cols[2])
 
 
 class SqueezeExcite(nn.Module):

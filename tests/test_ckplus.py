@@ -170,9 +170,8 @@ def faces():
     candidates = fixtures.real_faces(80)
     if candidates is None:
         pytest.skip(f"needs real FER+ faces in {fixtures.FERPLUS_SOURCE} or {fixtures.FERPLUS_ARCHIVE}")
-    detector = ckplus._face_detector()
     rng = np.random.default_rng(0)
-    found = [f for f in candidates if ckplus.detect_face(fixtures.ck_frame(f, rng), detector)]
+    found = [f for f in candidates if ckplus.detect_face(fixtures.ck_frame(f, rng))]
     if len(found) < 30:
         pytest.skip("too few of the available faces are found by the Haar cascade")
     return found
@@ -227,10 +226,9 @@ def test_official_crop_is_the_detected_face(official):
     frames = ckplus.scan_official(str(root), 3)[:6]
     crops, centered = ckplus.crop_faces([f.path for f in frames])
     assert not centered.any()
-    detector = ckplus._face_detector()
     for frame, crop in zip(frames, crops, strict=True):
         gray = cv2.imread(frame.path, cv2.IMREAD_GRAYSCALE)
-        x, y, w, h = ckplus.detect_face(gray, detector)
+        x, y, w, h = ckplus.detect_face(gray)
         assert 200 < x + w / 2 < 440 and 110 < y + h / 2 < 350  # centred on the pasted face
         expected = cv2.resize(gray[y : y + h, x : x + w], (48, 48), interpolation=cv2.INTER_AREA)
         np.testing.assert_array_equal(crop, expected)

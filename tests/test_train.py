@@ -167,7 +167,7 @@ def test_two_processes_train_and_agree(tmp_path, data_dir, reference_run):
         cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)

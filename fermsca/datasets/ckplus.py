@@ -27,10 +27,10 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
-import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fermsca import faces
 from fermsca.datasets._common import IMAGE_SIZE, DataError, read_grayscale
 
 CLASS_NAMES = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
@@ -143,28 +143,11 @@ def scan_official(manual_dir: str, frames_per_sequence: int) -> list[Frame]:
     return frames
 
 
-def _face_detector() -> cv2.CascadeClassifier:
-    path = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
-    detector = cv2.CascadeClassifier(path)
-    if detector.empty():
-        raise RuntimeError(f"cannot load the OpenCV Haar cascade {path}")
-    return detector
-
-
-def detect_face(gray: np.ndarray, detector: cv2.CascadeClassifier) -> tuple[int, int, int, int] | None:
-    """The largest frontal face (x, y, w, h) in a uint8 [H, W] image, or None."""
-    min_side = max(24, min(gray.shape) // 5)
-    faces = detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(min_side, min_side))
-    if len(faces) == 0:
-        return None
-    x, y, w, h = max(faces, key=lambda box: box[2] * box[3])
-    return int(x), int(y), int(w), int(h)
-
-
-def center_box(shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    height, width = shape
-    side = int(min(height, width) * CENTER_CROP_FRACTION)
-    return (width - side) // 2, (height - side) // 2, side, side
+def detect_face(gray: np.ndarray) -> faces.Box | None:
+    """The largest frontal face (x, y, w, h) of a CK+ frame, or None; faces under 1/5 of the frame
+    side (and under 24 px) are ignored."""
+    boxes = faces.detect_faces(gray, min_size=max(24, min(gray.shape) // 5))
+    return boxes[0] if boxes else None
 
 
 def crop_faces(paths: Sequence[str], allow_center_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -172,19 +155,16 @@ def crop_faces(paths: Sequence[str], allow_center_crop: bool = False) -> tuple[n
 
     Without `allow_center_crop`, any image without a detected face is an error listing them all.
     """
-    detector = _face_detector()
     crops = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     centered = np.zeros(len(paths), bool)
     for i, path in enumerate(paths):
         gray = read_grayscale(path, size=None)
-        box = detect_face(gray, detector)
-        if box is None:
+        box = detect_face(gray)
+        if box is not None:
+            crops[i] = faces.crop_face(gray, box, margin=0.0, size=IMAGE_SIZE)
+        else:
             centered[i] = True
-            box = center_box(gray.shape)
-        x, y, w, h = box
-        crops[i] = cv2.resize(
-            gray[y : y + h, x : x + w], (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_AREA
-        )
+            crops[i] = faces.center_crop(gray, IMAGE_SIZE, fraction=CENTER_CROP_FRACTION)
     if centered.any() and not allow_center_crop:
         failed = [p for p, c in zip(paths, centered, strict=True) if c]
         raise DataError(

@@ -1,0 +1,167 @@
+"""Evaluation of a checkpoint: metrics against hand-counted values, the CLI's files and errors."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from fermsca import checkpoint, datasets, evaluate, models, predict
+
+CLASS_NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+               "contempt"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSplit:
+    """The fields of `fermsca.datasets.Split` that evaluation reads."""
+
+    images: np.ndarray
+    targets: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDataset:
+    name: str
+    class_names: tuple
+    splits: dict
+
+
+def tiny_split(n: int = 40, seed: int = 0) -> FakeSplit:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8)
+    votes = rng.integers(0, 4, (n, len(CLASS_NAMES))).astype(np.float32) + 0.01
+    return FakeSplit(images, votes / votes.sum(1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A checkpoint of a tiny FERNet with random weights, in a training run's layout."""
+    config = default.get_config()
+    config.model.stem_width = 8
+    config.model.widths = (8, 16, 16)
+    config.dataset.name = "ferplus"
+    config.dataset.manual_dir = "/from/the/training/config"
+    model = models.from_config(config.model, len(CLASS_NAMES))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 1)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: (1 + 0.1 * rng.random(s.shape) if len(s.shape) == 1 else
+                   rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32),
+        dict(shapes))
+    path = str(tmp_path_factory.mktemp("run"))
+    ckpts = checkpoint.RunCheckpoints(path, asynchronous=False)
+    ckpts.save(7, {"step": np.int32(7), **variables},
+               {"config": config.to_json(), "class_names": CLASS_NAMES, "epoch": 1,
+                "history": []}, val_accuracy=0.5)
+    ckpts.close()
+    return path
+
+
+def test_confusion_matrix_counts_true_by_predicted():
+    cm = evaluate.confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+
+
+def test_evaluate_split_metrics_by_hand():
+    names = ["a", "b", "c"]
+    targets = np.eye(3, dtype=np.float32)[[0, 0, 1, 2, 2, 2]]
+    targets[0] = [0.6, 0.4, 0.0]  # soft targets: the true class is the majority
+    predicted = np.eye(3, dtype=np.float32)[[0, 1, 1, 2, 0, 2]]
+    split = FakeSplit(np.zeros((6, 48, 48, 1), np.uint8), targets)
+    metrics = evaluate.evaluate_split(lambda images: predicted, split, names)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["per_class_accuracy"] == pytest.approx({"a": 0.5, "b": 1.0, "c": 2 / 3})
+    f1 = {"a": 2 * 1 / (2 + 2), "b": 2 * 1 / (1 + 2), "c": 2 * 2 / (3 + 2)}
+    assert metrics["per_class_f1"] == pytest.approx(f1)
+    assert metrics["macro_f1"] == pytest.approx(np.mean(list(f1.values())))
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    with pytest.raises(ValueError, match="do not match"):
+        evaluate.evaluate_split(lambda images: predicted, split, ["a", "b"])
+
+
+def test_evaluate_split_with_the_model_matches_its_argmax(workdir):
+    loaded = predict.load_model(workdir)
+    split = tiny_split()
+    classifier = predict.Classifier(loaded.model, loaded.variables, loaded.class_names,
+                                    batch_size=16)
+    metrics = evaluate.evaluate_split(classifier, split, CLASS_NAMES)
+    predicted = classifier(split.images).argmax(-1)
+    truth = split.targets.argmax(-1)
+    assert metrics["num_examples"] == 40
+    assert metrics["accuracy"] == pytest.approx(np.mean(predicted == truth))
+    assert np.sum(metrics["confusion_matrix"]) == 40
+
+
+def fake_loader(calls: list, split: FakeSplit, name: str = "ferplus", class_names=CLASS_NAMES):
+    def load(config, required=()):
+        calls.append({"config": config.to_dict(), "required": tuple(required)})
+        return FakeDataset(name, tuple(class_names), {"test": split})
+
+    return load
+
+
+def test_run_writes_json_and_figure_and_overrides_data_dirs(workdir, tmp_path, monkeypatch,
+                                                            capsys):
+    calls = []
+    split = tiny_split()
+    monkeypatch.setattr(datasets, "load", fake_loader(calls, split), raising=False)
+    output = tmp_path / "out" / "ferplus_test.json"
+    status = evaluate.main(["--checkpoint", workdir, "--manual_dir", str(tmp_path / "raw"),
+                            "--data_dir", str(tmp_path / "tfds"), "--tta",
+                            "--output", str(output)])
+    assert status == 0
+    assert calls[0]["required"] == ("test",)
+    assert calls[0]["config"]["manual_dir"] == str(tmp_path / "raw")
+    assert calls[0]["config"]["data_dir"] == str(tmp_path / "tfds")
+    assert calls[0]["config"]["name"] == "ferplus"
+    results = json.loads(output.read_text())
+    assert os.path.getsize(tmp_path / "out" / "ferplus_test.png") > 0
+    assert results["split"] == "test" and results["tta"] is True and results["step"] == 7
+    assert results["class_names"] == CLASS_NAMES and results["num_examples"] == 40
+    for key in ("accuracy", "per_class_accuracy", "per_class_f1", "macro_f1",
+                "confusion_matrix"):
+        assert key in results
+    loaded = predict.load_model(workdir)
+    tta = predict.Classifier(loaded.model, loaded.variables, loaded.class_names, tta=True)
+    expected = np.mean(tta(split.images).argmax(-1) == split.targets.argmax(-1))
+    assert results["accuracy"] == pytest.approx(expected)
+    line = capsys.readouterr().out
+    assert line.startswith("ferplus test TTA: accuracy ") and str(output) in line
+
+
+def test_run_keeps_the_config_data_dirs_by_default(workdir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(datasets, "load", fake_loader(calls, tiny_split(8)), raising=False)
+    monkeypatch.chdir(tmp_path)
+    results = evaluate.run(workdir)
+    assert calls[0]["config"]["manual_dir"] == "/from/the/training/config"
+    assert results["tta"] is False
+    assert (tmp_path / "eval_ferplus_test.json").exists()
+    assert (tmp_path / "eval_ferplus_test.png").exists()
+
+
+def test_missing_split_error_surfaces(workdir, tmp_path, monkeypatch, capsys):
+    def load(config, required=()):
+        raise ValueError(f"{config.manual_dir}: no FER2013Test/ folder; add it to evaluate on "
+                         "the test split")
+
+    monkeypatch.setattr(datasets, "load", load, raising=False)
+    status = evaluate.main(["--checkpoint", workdir, "--manual_dir", str(tmp_path),
+                            "--output", str(tmp_path / "x.json")])
+    assert status == 2
+    assert f"{tmp_path}: no FER2013Test/ folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_class_names_must_match_the_checkpoint(workdir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(datasets, "load", fake_loader(calls, tiny_split(8),
+                                                      class_names=CLASS_NAMES[::-1]),
+                        raising=False)
+    with pytest.raises(ValueError, match="differ from the checkpoint"):
+        evaluate.run(workdir, output=str(tmp_path / "x.json"))

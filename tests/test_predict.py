@@ -1,0 +1,441 @@
+"""Prediction: TTA views and averaging, the batched classifier, bad inputs, and the CLI's records."""
+
+import functools
+import json
+import os
+import struct
+import zlib
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default
+from fermsca import checkpoint, models, predict
+
+CLASS_NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+               "contempt"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERPLUS_TARBALL = os.path.join(REPO, "..", "shared", "data", "ferplus-trainvalid.tar.gz")
+
+
+def tiny_config():
+    config = default.get_config()
+    config.model.stem_width = 8
+    config.model.widths = (8, 16, 16)
+    return config
+
+
+def random_variables(model: nn.Module, seed: int) -> dict:
+    """Weights with spread-out outputs, without the cost of compiling `model.init`."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 1)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name:
+            return (1.0 + 0.2 * rng.random(leaf.shape)).astype(np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
+        return (rng.normal(size=leaf.shape) * 1.5 / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, dict(shapes))
+
+
+def save_checkpoint(workdir: str, config, variables: dict) -> str:
+    """A checkpoint in a training run's layout (TrainState fields, less the optimiser state)."""
+    state = {"step": np.int32(0), "params": variables["params"],
+             "batch_stats": variables["batch_stats"]}
+    meta = {"config": config.to_json(), "class_names": CLASS_NAMES, "epoch": 0, "history": []}
+    ckpts = checkpoint.RunCheckpoints(workdir, asynchronous=False)
+    ckpts.save(0, state, meta, val_accuracy=0.5)
+    ckpts.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = tiny_config()
+    model = models.from_config(config.model, len(CLASS_NAMES))
+    return config, model, random_variables(model, seed=0)
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_model, tmp_path_factory):
+    config, _, variables = tiny_model
+    return save_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)
+
+
+def jitted_probabilities(model, variables, images, **kwargs) -> np.ndarray:
+    fn = jax.jit(functools.partial(predict.probabilities, model=model, **kwargs))
+    return np.asarray(fn(variables, images))
+
+
+def faces_batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 48, 48, 1), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# TTA
+
+
+def reference_view(base: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Content moved down by dy and right by dx, edge pixels repeated (NumPy, by index)."""
+    h, w = base.shape[1:3]
+    rows = np.clip(np.arange(h) - dy, 0, h - 1)
+    cols = np.clip(np.arange(w) - dx, 0, w - 1)
+    return base[:, rows][:, :, cols]
+
+
+def test_tta_views_are_flips_and_shifts():
+    images = faces_batch(3)[:, :8, :10]  # non-square, to catch swapped axes
+    views = np.asarray(jax.jit(predict.tta_views, static_argnums=1)(images, 2))
+    assert views.shape == (10, 3, 8, 10, 1) and views.dtype == np.uint8
+    offsets = [(0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)]
+    expected = [reference_view(base, dy, dx)
+                for base in (images, images[:, :, ::-1]) for dy, dx in offsets]
+    np.testing.assert_array_equal(views, np.stack(expected))
+    no_shift = np.asarray(predict.tta_views(images, 0))
+    np.testing.assert_array_equal(no_shift, np.stack([images, images[:, :, ::-1]]))
+
+
+def test_tta_averages_softmax_over_views(tiny_model):
+    _, model, variables = tiny_model
+    images = faces_batch(4)
+    with_tta = jax.jit(functools.partial(predict.probabilities, model=model, tta=True))
+    without = jax.jit(functools.partial(predict.probabilities, model=model))
+    tta = np.asarray(with_tta(variables, images))
+    views = np.asarray(predict.tta_views(images))
+    per_view = [np.asarray(without(variables, v)) for v in views]
+    np.testing.assert_allclose(tta, np.mean(per_view, axis=0), atol=1e-6)
+    plain = np.asarray(without(variables, images))
+    assert np.abs(tta - plain).max() > 1e-4  # the views do differ
+    np.testing.assert_allclose(tta.sum(-1), 1.0, atol=1e-5)
+
+
+class MirrorSymmetric(nn.Module):
+    """A FERNet made invariant to horizontal flips: logits(x) + logits(mirror x)."""
+
+    net: nn.Module
+
+    def __call__(self, x, train=False):
+        return self.net(x, train) + self.net(x[:, :, ::-1], train)
+
+
+def test_tta_of_a_flip_invariant_model_equals_no_tta(tiny_model):
+    _, model, variables = tiny_model
+    symmetric = MirrorSymmetric(model)
+    wrapped = {"params": {"net": variables["params"]},
+               "batch_stats": {"net": variables["batch_stats"]}}
+    images = faces_batch(5, seed=1)
+    plain = jax.jit(functools.partial(predict.probabilities, model=symmetric))(wrapped, images)
+    tta = jax.jit(functools.partial(predict.probabilities, model=symmetric, tta=True,
+                                    tta_shift=0))(wrapped, images)
+    np.testing.assert_allclose(np.asarray(tta), np.asarray(plain), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model loading and the batched classifier
+
+
+def test_classifier_pads_batches_and_matches_the_pure_function(tiny_model):
+    _, model, variables = tiny_model
+    images = faces_batch(10, seed=2)
+    classifier = predict.Classifier(model, variables, CLASS_NAMES, batch_size=4)
+    expected = jitted_probabilities(model, variables, images)
+    np.testing.assert_allclose(classifier(images), expected, atol=1e-6)
+    np.testing.assert_allclose(classifier(images[:, :, :, 0]), expected, atol=1e-6)
+    assert classifier(images[:0]).shape == (0, 8)
+    # With TTA a batch holds batch_size model inputs: 10 views per image.
+    assert predict.Classifier(model, variables, CLASS_NAMES, tta=True, batch_size=40).batch_size == 4
+    with pytest.raises(ValueError, match="48, 48, 1"):
+        classifier(np.zeros((2, 32, 32, 1), np.uint8))
+
+
+def test_load_model_rebuilds_the_checkpoint(workdir, tiny_model):
+    _, _, variables = tiny_model
+    loaded = predict.load_model(workdir)
+    assert loaded.class_names == tuple(CLASS_NAMES)
+    assert loaded.step == 0 and loaded.path.endswith(os.path.join("best", "0"))
+    assert tuple(loaded.config.model.widths) == (8, 16, 16)
+    kernel = loaded.variables["params"]["classifier"]["kernel"]
+    np.testing.assert_array_equal(kernel, variables["params"]["classifier"]["kernel"])
+
+
+def test_load_model_refuses_weights_that_do_not_fit_the_config(tmp_path):
+    config = tiny_config()
+    other = models.FERNet(len(CLASS_NAMES), stem_width=8, widths=(8, 16, 32))
+    save_checkpoint(str(tmp_path), config, random_variables(other, seed=1))
+    with pytest.raises(checkpoint.CheckpointError, match="does not match"):
+        predict.load_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files: every bad case is an InputError naming the reason
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height 8-bit grey pixels, with almost no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + png_chunk(b"IEND", b""))
+
+
+def write_png(path, image: np.ndarray) -> str:
+    Image.fromarray(image).save(path)
+    return str(path)
+
+
+def test_read_image_reads_common_formats(tmp_path):
+    gray = faces_batch(1)[0, :, :, 0]
+    for name in ("a.png", "b.bmp", "c.tif"):
+        rgb = predict.read_image(write_png(tmp_path / name, gray))
+        assert rgb.shape == (48, 48, 3) and rgb.dtype == np.uint8
+        np.testing.assert_array_equal(rgb[:, :, 1], gray)
+    jpeg = predict.read_image(write_png(tmp_path / "d.jpg", gray))
+    assert np.abs(jpeg[:, :, 0].astype(int) - gray).mean() < 40
+    sixteen = (gray.astype(np.uint16) * 257)
+    Image.fromarray(sixteen).save(tmp_path / "e.png")
+    np.testing.assert_array_equal(predict.read_image(str(tmp_path / "e.png"))[:, :, 0], gray)
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+    image = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert predict.read_image(str(tmp_path / "r.jpg")).shape == (40, 20, 3)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("missing", "No such file"),
+    ("empty", "empty file"),
+    ("text_named_jpg", "not an image"),
+    ("truncated_png", "truncated"),
+    ("enormous_header_png", "too large to decode safely"),
+    ("large_header_png", r"8000x8000 \(64.0 MP\), over the 50 MP limit"),
+])
+def test_read_image_bad_files(tmp_path, case, reason):
+    path = tmp_path / "x.jpg"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text_named_jpg":
+        path.write_text("these are not the pixels you are looking for\n")
+    elif case == "truncated_png":
+        path = tmp_path / "x.png"
+        write_png(path, faces_batch(1)[0, :, :, 0])
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif case == "enormous_header_png":
+        path = tmp_path / "x.png"
+        path.write_bytes(png_header_only(100_000, 100_000))
+    elif case == "large_header_png":
+        path = tmp_path / "x.png"
+        path.write_bytes(png_header_only(8000, 8000))
+    with pytest.raises(predict.InputError, match=reason):
+        predict.read_image(str(path))
+
+
+def test_read_image_limits_are_settable(tmp_path):
+    path = write_png(tmp_path / "x.png", faces_batch(1)[0, :, :, 0])
+    with pytest.raises(predict.InputError, match=r"48x48 \(0.0 MP\), over the 0.001 MP limit"):
+        predict.read_image(path, max_megapixels=0.001)
+    with pytest.raises(predict.InputError, match="over the 0.0001 MB limit"):
+        predict.read_image(path, max_file_mb=0.0001)
+
+
+def test_find_images_scans_folders_recursively_in_order(tmp_path):
+    for name in ("b.png", "a.JPG", "notes.txt", "sub/c.png", "sub/deeper/d.webp", "0/e.bmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "nothing").mkdir()
+    found = list(predict.find_images([str(tmp_path), str(tmp_path / "notes.txt"),
+                                      str(tmp_path / "nothing")]))
+    names = [name for _, name in found]
+    assert names == ["a.JPG", "b.png", "0/e.bmp", "sub/c.png", "sub/deeper/d.webp", "notes.txt",
+                     ""]
+    assert found[-1] == (str(tmp_path / "nothing"), "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictor: records in input order across batches; the CLI end to end
+
+
+def mean_classifier(calls: list):
+    """Stands in for a model: class = mean pixel // 32, as one-hot probabilities."""
+
+    def classify(crops: np.ndarray) -> np.ndarray:
+        calls.append(len(crops))
+        k = (crops.reshape(len(crops), -1).mean(axis=1) // 32).astype(int)
+        return np.eye(len(CLASS_NAMES), dtype=np.float32)[k]
+
+    return classify
+
+
+def test_predictor_keeps_input_order_across_batches(tmp_path):
+    paths = []
+    for i, value in enumerate([10, 40, None, 70, 100, None, 130, 250]):
+        path = tmp_path / f"{i}.png"
+        if value is None:
+            path.write_bytes(b"")
+        else:
+            write_png(path, np.full((30, 30), value, np.uint8))
+        paths.append(str(path))
+    records, calls = [], []
+    predictor = predict.Predictor(mean_classifier(calls), CLASS_NAMES, records.append,
+                                  detect=False, batch_size=2)
+    for path in paths:
+        predictor.image(path)
+    summary = predictor.close()
+    assert [r["file"] for r in records] == paths
+    assert [r.get("label") for r in records] == [
+        "neutral", "happiness", None, "surprise", "sadness", None, "anger", "contempt"]
+    assert [r.get("error") for r in records].count("empty file (0 bytes)") == 2
+    assert all(r["box"] == [0, 0, 30, 30] for r in records if "box" in r)
+    assert max(calls) <= 2 and sum(calls) == 6
+    assert (summary.images, summary.faces, summary.no_face, summary.errors) == (6, 6, 0, 2)
+
+
+def run_cli(capsys, argv):
+    status = predict.main(argv)
+    captured = capsys.readouterr()
+    return status, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+
+FACE_KEYS = {"file", "faces", "face", "box", "label", "score", "probabilities"}
+
+
+def check_face_record(record):
+    assert set(record) - {"frame"} == FACE_KEYS
+    probs = record["probabilities"]
+    assert list(probs) == CLASS_NAMES
+    assert abs(sum(probs.values()) - 1) < 1e-4
+    assert record["label"] == max(probs, key=probs.get)
+    assert record["score"] == max(probs.values())
+    assert len(record["box"]) == 4 and all(isinstance(v, int) for v in record["box"])
+
+
+def test_cli_without_detection_reports_every_file(workdir, tiny_model, tmp_path, capsys):
+    _, model, variables = tiny_model
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    face = faces_batch(1, seed=3)[0, :, :, 0]
+    write_png(folder / "a_face.png", face)
+    write_png(folder / "b_wide.jpg", np.zeros((64, 80, 3), np.uint8) + 90)
+    (folder / "c_empty.png").write_bytes(b"")
+    write_png(folder / "d_trunc.png", face)
+    data = (folder / "d_trunc.png").read_bytes()
+    (folder / "d_trunc.png").write_bytes(data[:len(data) // 2])
+    (folder / "e_notes.jpg").write_text("not an image")
+    (folder / "f_huge.png").write_bytes(png_header_only(100_000, 100_000))
+    write_png(folder / "sub" / "g_flat.png", np.full((48, 48), 200, np.uint8))
+    missing = str(tmp_path / "missing.png")
+    annotated = tmp_path / "annotated"
+
+    status, records, err = run_cli(capsys, [
+        "--checkpoint", workdir, "--no-detect", "--tta", "--annotate", str(annotated),
+        str(folder), missing])
+    assert status == 1
+    assert "3 image(s)/frame(s): 3 face(s), 0 without a face, 5 error(s)" in err
+    names = [os.path.relpath(r["file"], folder) if r["file"] != missing else "missing"
+             for r in records]
+    assert names == ["a_face.png", "b_wide.jpg", "c_empty.png", "d_trunc.png", "e_notes.jpg",
+                     "f_huge.png", os.path.join("sub", "g_flat.png"), "missing"]
+    errors = {name: r["error"] for name, r in zip(names, records, strict=True) if "error" in r}
+    assert all(set(r) == {"file", "error"} for r in records if "error" in r)
+    assert "empty file" in errors["c_empty.png"]
+    assert "truncated" in errors["d_trunc.png"]
+    assert "not an image" in errors["e_notes.jpg"]
+    assert "too large" in errors["f_huge.png"]
+    assert "No such file" in errors["missing"]
+    for record in records:
+        if "error" not in record:
+            check_face_record(record)
+    assert records[1]["box"] == [8, 0, 64, 64]  # the centred square of an 80x64 image
+    # The face went through exactly the model's preprocessing, with TTA.
+    expected = jitted_probabilities(model, variables, face[None, :, :, None], tta=True)
+    np.testing.assert_allclose(list(records[0]["probabilities"].values()), expected[0],
+                               atol=2e-6)
+    written = sorted(os.path.relpath(os.path.join(d, f), annotated)
+                     for d, _, fs in os.walk(annotated) for f in fs)
+    assert written == ["a_face.png", "b_wide.jpg", os.path.join("sub", "g_flat.png")]
+    assert cv2.imread(str(annotated / "b_wide.jpg")).shape == (64, 80, 3)
+
+
+def ferplus_face(index: int) -> np.ndarray:
+    import tarfile
+
+    if not os.path.isfile(FERPLUS_TARBALL):
+        pytest.skip(f"shared FER+ data not found at {os.path.normpath(FERPLUS_TARBALL)}")
+    seen = 0
+    with tarfile.open(FERPLUS_TARBALL, "r:gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".png"):
+                if seen == index:
+                    data = np.frombuffer(tar.extractfile(member).read(), np.uint8)
+                    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+                seen += 1
+    raise AssertionError("tarball has too few faces")
+
+
+def test_cli_detects_a_real_face_and_reports_images_without_one(workdir, tiny_model, tmp_path,
+                                                                capsys):
+    from fermsca import faces
+
+    _, model, variables = tiny_model
+    canvas = np.full((400, 480), 128, np.uint8)
+    canvas[100:292, 150:342] = cv2.resize(ferplus_face(2), (192, 192),
+                                          interpolation=cv2.INTER_CUBIC)
+    photo = write_png(tmp_path / "photo.png", np.stack([canvas] * 3, axis=-1))
+    flat = write_png(tmp_path / "flat.png", np.full((300, 300), 90, np.uint8))
+    status, records, _ = run_cli(capsys, ["--checkpoint", workdir, photo, flat])
+    assert status == 0
+    face, no_face = records
+    check_face_record(face)
+    assert face["file"] == photo and face["faces"] == 1 and face["face"] == 0
+    x, y, w, h = face["box"]
+    assert abs(x + w / 2 - 246) < 20 and abs(y + h / 2 - 196) < 20 and 150 < w < 240
+    crop = faces.crop_face(canvas, face["box"])
+    expected = jitted_probabilities(model, variables, crop[None, :, :, None])
+    np.testing.assert_allclose(list(face["probabilities"].values()), expected[0], atol=2e-6)
+    assert no_face == {"file": flat, "faces": 0}
+
+
+def test_cli_samples_video_frames(workdir, tmp_path, capsys):
+    video = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG video")
+    rng = np.random.default_rng(0)
+    for _ in range(7):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    bogus = tmp_path / "bogus.mp4"
+    bogus.write_text("not a video")
+    annotated = tmp_path / "annotated"
+    status, records, _ = run_cli(capsys, [
+        "--checkpoint", workdir, "--no-detect", "--video", video, "--every_n_frames", "3",
+        "--video", str(bogus), "--annotate", str(annotated)])
+    assert status == 1
+    assert [r.get("frame") for r in records[:3]] == [0, 3, 6]
+    for record in records[:3]:
+        check_face_record(record)
+        assert record["file"] == video and record["box"] == [8, 0, 48, 48]
+    assert records[3]["file"] == str(bogus) and "video" in records[3]["error"]
+    assert sorted(os.listdir(annotated)) == [f"clip_frame{i:06d}.png" for i in (0, 3, 6)]
+
+
+def test_cli_without_released_weights_says_to_pass_a_checkpoint(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(predict, "DEFAULT_CHECKPOINT", str(tmp_path / "released" / "ferplus"))
+    assert predict.main([str(tmp_path)]) == 2
+    assert "pass --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main([])
