@@ -62,9 +62,15 @@ def _manager(directory: str, keep: int, best: bool, asynchronous: bool) -> ocp.C
         keep_checkpoints_without_metrics=not best,
         enable_async_checkpointing=asynchronous,
         create=True,
+        # Both managers save the same step; distinct barrier names keep multi-process saves apart.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory))),
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=("state", "meta"))
+    # Handlers named up front, so a fresh process can read item metadata before any save/restore.
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -86,6 +92,7 @@ class RunCheckpoints:
     """The last `keep` checkpoints and the best one of a run, in `workdir`."""
 
     def __init__(self, workdir: str, keep: int = 2, asynchronous: bool = True):
+        self.workdir = workdir
         self.latest = _manager(os.path.join(workdir, LATEST_DIR), keep, False, asynchronous)
         self.best = _manager(os.path.join(workdir, BEST_DIR), 1, True, asynchronous)
 
@@ -109,12 +116,31 @@ class RunCheckpoints:
             except CheckpointError as e:
                 if "does not match the config" in str(e):
                     raise
-                logging.warning("checkpoint %s/%d is unusable (%s); trying an older one",
-                                self.latest.directory, step, e)
+                problem = str(e)
             except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
-                logging.warning("checkpoint %s/%d is corrupt or partial (%s: %s); trying an older "
-                                "one", self.latest.directory, step, type(e).__name__, e)
+                problem = f"{type(e).__name__}: {e}"
+            self._set_aside(step, problem)
         return None
+
+    def _set_aside(self, step: int, problem: str) -> None:
+        """Moves an unreadable checkpoint to <workdir>/corrupt_checkpoints/ (kept for inspection) so
+        the run can resume from an older one and save this step again."""
+        aside = os.path.join(self.workdir, "corrupt_checkpoints")
+        target = os.path.join(aside, f"{step}")
+        suffix = 0
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(aside, f"{step}.{suffix}")
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            os.replace(os.path.join(str(self.latest.directory), str(step)), target)
+        logging.warning("checkpoint %s/%d is corrupt or partial (%s); moved it to %s and trying an "
+                        "older one", self.latest.directory, step, problem, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside_{step}")
+        self.latest.reload()
 
     def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
         step = self.best.best_step()
@@ -171,7 +197,12 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
         raise CheckpointError(f"{step_dir}/meta: unreadable checkpoint metadata ({e})") from e
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            state = ckptr.restore(os.path.join(step_dir, "state"))
+            # Restore onto this process's first device, whatever topology saved it.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                ckptr.metadata(os.path.join(step_dir, "state")).item_metadata.tree)
+            state = ckptr.restore(os.path.join(step_dir, "state"), target)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{step_dir}/state: corrupt or unreadable checkpoint "
                               f"({type(e).__name__}: {e})") from e

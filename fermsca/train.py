@@ -180,7 +180,11 @@ class Trainer:
         return self._init(jax.random.fold_in(self.rng, 1))
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self.init_state)
+        """Shapes, dtypes and (replicated) shardings of the state: the restore target, so a run can
+        resume on another device count than the one that saved it."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+            jax.eval_shape(self.init_state))
 
     def place(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
@@ -312,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_split = data.splits["train"]
     if config.dataset.get("train_subset"):
         train_split = _subset(train_split, config.dataset.train_subset)
+        data = dataclasses.replace(data, splits={**data.splits, "train": train_split})
     num_train = len(train_split.images)
     steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
     num_steps = steps_per_epoch * config.num_epochs
@@ -335,6 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "dataset": data.name}
 
     def save(step: int, epoch: float, val_accuracy: float | None) -> None:
+        if step in ckpts.latest.all_steps():  # e.g. SIGTERM right after an end-of-epoch save
+            return
         ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history},
                    val_accuracy=val_accuracy)
 

@@ -52,8 +52,12 @@ def _env(devices: int = 1) -> dict:
 
 
 def _main_cmd(workdir, data_dir, *overrides) -> list[str]:
+    # A repeated --config.<field> would extend a tuple field rather than replace it: merge by name.
+    flags = {}
+    for flag in (*TINY, *overrides):
+        flags[flag.split("=")[0]] = flag
     return [sys.executable, "-m", "fermsca.main", "--config", "configs/default.py",
-            f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *TINY, *overrides]
+            f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *flags.values()]
 
 
 def run_main(workdir, data_dir, *overrides, devices=1, check=True, timeout=600):
@@ -217,8 +221,10 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, reference_run,
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"\x00garbage")
     proc = run_main(workdir, data_dir)
-    assert "checkpoint" in proc.stderr and "trying an older one" in proc.stderr
+    assert "checkpoints/24 is corrupt or partial" in proc.stderr
+    assert "trying an older one" in proc.stderr
     assert "resumed from step 16" in proc.stderr
+    assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "24"))
     assert_same_params(final_params(reference_run[0]), final_params(workdir))
 
 
