@@ -208,3 +208,34 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
                               f"({type(e).__name__}: {e})") from e
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     return jax.tree.map(np.asarray, variables), meta
+
+
+def write_release(path: str, output: str) -> str:
+    """Copies a checkpoint's inference variables (params, batch_stats) and metadata, without the
+    optimiser state, to `output/<step>/` in the layout `load_checkpoint` reads. Returns that folder."""
+    variables, meta = load_checkpoint(path)
+    _, step = find_checkpoint(path)
+    step_dir = os.path.abspath(os.path.join(output, str(step)))
+    if os.path.exists(step_dir):
+        raise CheckpointError(f"{step_dir} already exists")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(step_dir, "state"), variables)
+    os.makedirs(os.path.join(step_dir, "meta"), exist_ok=True)
+    with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+        json.dump({**meta, "released_from": os.path.abspath(path), "step": step}, f, indent=1)
+    return step_dir
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write a checkpoint's inference weights (no optimiser state) for release.")
+    parser.add_argument("--checkpoint", required=True, help="workdir, checkpoints/ or best/ folder")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    print(write_release(args.checkpoint, args.output))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Checkpoint helpers: shape checks, path resolution, fallback over a corrupt step, release copies."""
+
+import logging
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fermsca import checkpoint
+
+
+def _state(width=4):
+    return {"params": {"w": jnp.arange(width * 3, dtype=jnp.float32).reshape(width, 3)},
+            "batch_stats": {"m": jnp.ones((3,), jnp.float32)},
+            "opt_state": {"mu": jnp.zeros((width, 3), jnp.float32)}}
+
+
+def _save(workdir, steps, width=4):
+    ckpts = checkpoint.RunCheckpoints(str(workdir), keep=3, asynchronous=False)
+    for i, step in enumerate(steps):
+        state = {**_state(width), "params": {"w": _state(width)["params"]["w"] + i}}
+        ckpts.save(step, state, {"config": "{}", "class_names": ["a", "b", "c"], "history": []},
+                   val_accuracy=0.5 + 0.1 * (i % 2))
+    ckpts.wait()
+    return ckpts
+
+
+def test_shape_mismatches_names_every_difference():
+    problems = checkpoint.shape_mismatches(
+        {"a": np.zeros((2, 3)), "b": np.zeros(4)}, {"a": np.zeros((2, 5)), "c": np.zeros(1)})
+    assert problems == ["a: checkpoint has (2, 5), config expects (2, 3)",
+                        "b: expected by the config, missing from the checkpoint",
+                        "c: in the checkpoint, unknown to the config"]
+
+
+def test_restore_latest_best_and_find(tmp_path):
+    ckpts = _save(tmp_path, [10, 20, 30])
+    state, meta = ckpts.restore_latest(_state())
+    assert float(state["params"]["w"][0, 0]) == 2.0 and meta["class_names"] == ["a", "b", "c"]
+    best_state, _ = ckpts.restore_best(_state())
+    assert float(best_state["params"]["w"][0, 0]) == 1.0  # step 20 had the best accuracy
+    assert checkpoint.find_checkpoint(str(tmp_path)) == (str(tmp_path / "best"), 20)
+    latest = str(tmp_path / "checkpoints")
+    assert checkpoint.find_checkpoint(latest) == (latest, 30)
+    assert checkpoint.find_checkpoint(os.path.join(latest, "10")) == (latest, 10)
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+        checkpoint.find_checkpoint(str(tmp_path / "nope"))
+    ckpts.close()
+
+
+def test_mismatched_shapes_are_refused(tmp_path):
+    ckpts = _save(tmp_path, [5])
+    with pytest.raises(checkpoint.CheckpointError, match=r"params/w: checkpoint has \(4, 3\), "
+                       r"config expects \(6, 3\)"):
+        ckpts.restore_latest(_state(width=6))
+    ckpts.close()
+
+
+def test_corrupt_latest_is_set_aside(tmp_path, caplog):
+    _save(tmp_path, [10, 20]).close()
+    state_dir = tmp_path / "checkpoints" / "20" / "state"
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00")
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path), keep=3, asynchronous=False)
+    with caplog.at_level(logging.WARNING):
+        state, _ = ckpts.restore_latest(_state())
+    assert float(state["params"]["w"][0, 0]) == 0.0  # step 10
+    assert "corrupt or partial" in caplog.text
+    assert (tmp_path / "corrupt_checkpoints" / "20").is_dir()
+    assert ckpts.latest.all_steps() == [10]
+    ckpts.close()
+
+
+def test_release_keeps_inference_variables_only(tmp_path):
+    _save(tmp_path / "run", [7]).close()
+    out = checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "release"))
+    assert out == str(tmp_path / "release" / "7")
+    variables, meta = checkpoint.load_checkpoint(str(tmp_path / "release"))
+    assert set(variables) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(variables["params"]["w"], np.asarray(_state()["params"]["w"]))
+    assert meta["step"] == 7 and meta["class_names"] == ["a", "b", "c"]
+    with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+        checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "release"))
