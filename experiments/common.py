@@ -1,0 +1,457 @@
+"""What the studies share: the run budgets, a runner that trains one table row, and markdown tables.
+
+A study is a list of `Row`s, each a set of config overrides. `main(study)` trains every row with
+`python -m fermsca.main` in a scratch workdir (checkpoints stay there, so a stopped full run resumes
+when the command is repeated), copies results.json and the PNG figures to
+
+    experiments/results/<study>/<quick|full>/<dataset>-<row>/[<fold>/]
+
+and rewrites `table.md` beside them. On CK+ every row is repeated over folds (k-fold protocol) or
+split seeds (random protocol), and the table gives mean +- sample std over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "experiments" / "results"
+MODES = ("quick", "full")
+DATASETS = ("synthetic_faces", "ferplus", "ckplus")
+
+CONFIG_FILES = {
+    "synthetic_faces": "configs/default.py",
+    "ferplus": "configs/ferplus.py",
+    "ckplus": "configs/ckplus.py",
+}
+# Full: the paper's budget (section 3.3: 200 epochs, Table 1 schedule, batch 128 FER+ / 7 CK+), as in
+# configs/ferplus.py and configs/ckplus.py; the synthetic set gets the FER+ budget.
+FULL_BUDGET = {
+    "synthetic_faces": {"num_epochs": 200, "batch_size": 128},
+    "ferplus": {},
+    "ckplus": {},
+}
+# Quick: minutes per row on 2 CPU cores. A narrow FERNet, 4 epochs (Table 1 boundaries scale with
+# num_epochs), and for FER+ the first 4096 training images.
+_QUICK_MODEL = {"model.stem_width": 16, "model.widths": (16, 32, 64), "num_epochs": 4}
+QUICK_BUDGET = {
+    "synthetic_faces": {**_QUICK_MODEL, "batch_size": 64},
+    "ferplus": {**_QUICK_MODEL, "batch_size": 64, "dataset.train_subset": 4096},
+    "ckplus": {**_QUICK_MODEL},
+}
+DATASET_TITLES = {"synthetic_faces": "synthetic faces", "ferplus": "FER+", "ckplus": "CK+"}
+
+QUICK_NOTE = (
+    "Quick runs check that every row trains end to end on a tiny budget (one seed, a narrow network, "
+    "a few epochs). Differences between their rows are not evidence for or against the paper's "
+    "claims; that needs the full runs."
+)
+
+
+class RunError(RuntimeError):
+    """A training run failed or did not finish."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of a study: a name (its directory), its label cells and its config overrides.
+
+    `paper` holds published accuracies by key of `Study.paper_columns` (e.g. "ferplus").
+    """
+
+    name: str
+    cells: tuple[str, ...]
+    overrides: Mapping[str, Any]
+    paper: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    row_headers: tuple[str, ...]
+    rows: tuple[Row, ...]
+    datasets: tuple[str, ...] = DATASETS
+    default_dataset: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: {"quick": "synthetic_faces", "full": "ferplus"})
+    paper_columns: tuple[tuple[str, str], ...] = ()
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers and markdown
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1); std is None for fewer than two values."""
+    if not values:
+        raise ValueError("mean_std of no values")
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def format_mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """`0.8123` for one value, `0.8123 ± 0.0150 (n=10)` for several."""
+    mean, std = mean_std(values)
+    if std is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are str()-ed and `|` in them escaped."""
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"row {i} has {len(row)} cells, expected {len(headers)}: {row}")
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def link(text: str, target: Path, relative_to: Path) -> str:
+    """A markdown link to `target`, relative to the directory `relative_to`."""
+    return f"[{text}]({Path(os.path.relpath(target, relative_to)).as_posix()})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Results on disk
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.as_posix())]
+
+
+def row_results(row_dir: Path) -> list[Path]:
+    """The results.json files of one row: its own, or one per repeat (fold_0/, fold_1/, ...)."""
+    own = row_dir / "results.json"
+    if own.is_file():
+        return [own]
+    if not row_dir.is_dir():
+        return []
+    return sorted(row_dir.glob("*/results.json"), key=_natural_key)
+
+
+def load_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a table shows of one row: accuracies over its repeats and where they came from."""
+
+    paths: tuple[Path, ...]
+    accuracy: tuple[float, ...]
+    macro_f1: tuple[float, ...]
+    best_validation_accuracy: tuple[float, ...]
+    evaluated_split: str
+    epochs: float
+    wall_seconds: tuple[float, ...]
+
+
+def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Summary:
+    """Summary of the results.json dicts of one row (one per repeat)."""
+    if not results:
+        raise ValueError("summarize needs at least one results dict")
+    for r, p in zip(results, paths, strict=True):
+        if r.get("status", "completed") != "completed":
+            raise RunError(f"{p}: status is {r.get('status')!r}, expected 'completed'")
+    splits = sorted({r["evaluated_split"] for r in results})
+    epochs = sorted({float(r["epochs"]) for r in results})
+
+    def best(r):
+        ev = r["evaluations"]
+        return ev.get("best", ev.get("last"))
+
+    return Summary(
+        paths=tuple(paths),
+        accuracy=tuple(float(r["accuracy"]) for r in results),
+        macro_f1=tuple(float(best(r)["macro_f1"]) for r in results),
+        best_validation_accuracy=tuple(float(r["best_validation_accuracy"]) for r in results
+                                       if r.get("best_validation_accuracy") is not None),
+        evaluated_split="/".join(splits),
+        epochs=epochs[0] if len(epochs) == 1 else float("nan"),
+        wall_seconds=tuple(float(r["wall_time_seconds"]) for r in results
+                           if r.get("wall_time_seconds") is not None),
+    )
+
+
+def setup_line(results: Mapping[str, Any]) -> str:
+    """The budget of a run in one line, from its results.json: data sizes, model width, batch, epochs."""
+    cfg = results.get("config", {})
+    model = cfg.get("model", {})
+    sizes = results.get("dataset", {}).get("split_sizes", {})
+    parts = []
+    if sizes:
+        parts.append(" / ".join(f"{n:,} {k}" for k, n in sizes.items()) + " images")
+    if model:
+        parts.append(f"widths {tuple(model.get('widths', ()))}, stem {model.get('stem_width')}")
+    if "batch_size" in cfg:
+        parts.append(f"batch {cfg['batch_size']}")
+    if "epochs" in results:
+        parts.append(f"{results['epochs']:g} epochs")
+    if "device_kind" in results:
+        parts.append(f"{results.get('device_count', 1)} x {results['device_kind']}")
+    return "; ".join(parts)
+
+
+def _fmt_seconds(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{sum(values) / len(values):.0f}"
+
+
+def _opt(values: Sequence[float]) -> str:
+    return format_mean_std(values) if values else "-"
+
+
+def study_table(study: Study, mode: str, relative_to: Path | None = None,
+                results_root: Path = RESULTS, heading_level: int = 2) -> str | None:
+    """Markdown for every dataset of `study` with results in `mode`; None when there are none.
+
+    Links are relative to `relative_to` (default: the study's mode directory, where table.md is).
+    """
+    base = results_root / study.name / mode
+    relative_to = base if relative_to is None else relative_to
+    blocks = []
+    for dataset in study.datasets:
+        found = {row.name: row_results(base / f"{dataset}-{row.name}") for row in study.rows}
+        if not any(found.values()):
+            continue
+        headers = [*study.row_headers, "Accuracy", "Macro F1", "Best val. acc.", "Evaluated on",
+                   "Epochs", "Wall s / run", *(h for _, h in study.paper_columns), "Results"]
+        lines, setup = [], None
+        for row in study.rows:
+            paths = found[row.name]
+            paper = [f"{row.paper[k]:.4f}" if k in row.paper else "-" for k, _ in study.paper_columns]
+            if not paths:
+                lines.append([*row.cells, "not run", "", "", "", "", "", *paper, ""])
+                continue
+            results = [load_json(p) for p in paths]
+            setup = setup or setup_line(results[0])
+            s = summarize(results, paths)
+            if len(paths) == 1:
+                links = link("results.json", paths[0], relative_to)
+            else:
+                links = " ".join(link(p.parent.name.split("_")[-1], p, relative_to) for p in paths)
+            lines.append([*row.cells, format_mean_std(s.accuracy), format_mean_std(s.macro_f1),
+                          _opt(s.best_validation_accuracy), s.evaluated_split,
+                          f"{s.epochs:g}", _fmt_seconds(s.wall_seconds), *paper, links])
+        command = f"python -m experiments.{study.name}{' --quick' if mode == 'quick' else ''}"
+        command += f" --dataset {dataset}"
+        if dataset != "synthetic_faces":
+            command += " --manual_dir DIR [--data_dir DIR]"
+        hashes = "#" * (heading_level + 1)
+        blocks.append(f"{hashes} {DATASET_TITLES[dataset]}\n\n`{command}`\n\n"
+                      f"Setup: {setup}.\n\n" + markdown_table(headers, lines))
+    if not blocks:
+        return None
+    head = f"{'#' * heading_level} {study.title} ({mode})\n\n"
+    notes = [n for n in (study.note, QUICK_NOTE if mode == "quick" else "") if n]
+    if notes:
+        head += "\n\n".join(notes) + "\n\n"
+    return head + "\n".join(blocks)
+
+
+def write_table(study: Study, mode: str, results_root: Path = RESULTS) -> Path | None:
+    text = study_table(study, mode, results_root=results_root, heading_level=1)
+    if text is None:
+        return None
+    path = results_root / study.name / mode / "table.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def format_value(value: Any) -> str:
+    """A config value as `--config.<field>=` expects it: tuples as `(a,b)`, bools as True/False."""
+    if isinstance(value, tuple | list):
+        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def config_flags(overrides: Mapping[str, Any]) -> list[str]:
+    """One `--config.<field>=<value>` per field (a tuple field given twice would concatenate)."""
+    return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+
+
+def repeats(row: Row, dataset: str, folds: Sequence[int],
+            sets: Mapping[str, Any] | None = None) -> list[tuple[str, dict]]:
+    """The runs of a row: one, or on CK+ one per fold (k-fold) or split seed (random protocol)."""
+    if dataset != "ckplus":
+        return [("", {})]
+    protocol = {**row.overrides, **(sets or {})}.get("dataset.protocol", "kfold")
+    if protocol == "kfold":
+        return [(f"fold_{k}", {"dataset.fold": k}) for k in folds]
+    if protocol == "random":
+        return [(f"seed_{k}", {"dataset.split_seed": k}) for k in folds]
+    raise ValueError(f"row {row.name}: unknown dataset.protocol {protocol!r}")
+
+
+def train_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
+              *, scratch: Path, rerun: bool = False, keep_workdir: bool = False,
+              dry_run: bool = False, results_root: Path = RESULTS) -> Path | None:
+    """Trains one row (or one fold of it) unless its results are already there; returns their path.
+
+    The workdir is `scratch/<study>/<mode>/<row_path>`; after a completed run its results.json and
+    PNGs are copied to `results_root/<study>/<mode>/<row_path>/` and the workdir is deleted.
+    """
+    dest = results_root / study / mode / row_path
+    if (dest / "results.json").is_file() and not rerun:
+        print(f"{row_path}: already done ({dest / 'results.json'}); --rerun to train again")
+        return dest / "results.json"
+    workdir = scratch / study / mode / row_path
+    cmd = [sys.executable, "-m", "fermsca.main", "--config", config_file, "--workdir", str(workdir),
+           *config_flags(overrides)]
+    print("$ " + shlex.join(cmd), flush=True)
+    if dry_run:
+        return None
+    if rerun and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir.with_name(workdir.name + ".log")
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    elapsed = time.time() - start
+    if proc.returncode:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise RunError(f"{study}/{mode}/{row_path}: training exited with {proc.returncode} after "
+                       f"{elapsed:.0f} s; workdir {workdir}, log {log_path}:\n{tail}")
+    produced = workdir / "results.json"
+    if not produced.is_file():
+        raise RunError(f"{study}/{mode}/{row_path}: no results.json in {workdir} (preempted?); "
+                       f"repeat the command to resume. Log: {log_path}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in [produced, *sorted(workdir.glob("*.png"))]:
+        shutil.copy2(f, dest / f.name)
+    if not keep_workdir:
+        shutil.rmtree(workdir)
+    r = load_json(dest / "results.json")
+    print(f"{row_path}: {r['evaluated_split']} accuracy {r['accuracy']:.4f} in {elapsed:.0f} s "
+          f"-> {dest / 'results.json'}", flush=True)
+    return dest / "results.json"
+
+
+def parse_folds(text: str, num_folds: int) -> list[int]:
+    """`all`, `3`, `0,2,5` or `0-4` -> fold indices in [0, num_folds)."""
+    if text == "all":
+        return list(range(num_folds))
+    folds = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            folds += range(int(lo), int(hi) + 1)
+        else:
+            folds.append(int(part))
+    bad = [k for k in folds if not 0 <= k < num_folds]
+    if bad:
+        raise ValueError(f"--folds {text}: {bad} outside [0, {num_folds})")
+    return folds
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set batch_size=8")
+        out[field.removeprefix("config.")] = value
+    return out
+
+
+def arg_parser(study: Study) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{study.name}", description=study.title)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budget for a CPU (default: the paper's budget, meant for a GPU)")
+    p.add_argument("--dataset", choices=study.datasets,
+                   help=f"default: {study.default_dataset['quick']} with --quick, else "
+                        f"{study.default_dataset['full']}")
+    p.add_argument("--manual_dir", help="raw dataset files (FER+, CK+): dataset.manual_dir")
+    p.add_argument("--data_dir", help="TFDS data dir: dataset.data_dir")
+    p.add_argument("--folds", default="all",
+                   help="CK+: folds (k-fold) or split seeds (random) to run: all, 0-4, 0,3")
+    p.add_argument("--rows", help="comma-separated row names to run (default: all): "
+                                  + ", ".join(r.name for r in study.rows))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra config override for every row, e.g. --set batch_size=8")
+    p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "fermsca_experiments"),
+                   help="where workdirs (checkpoints) live while a row trains")
+    p.add_argument("--keep_workdirs", action="store_true", help="keep checkpoints after a run")
+    p.add_argument("--rerun", action="store_true", help="train rows that already have results")
+    p.add_argument("--dry_run", action="store_true", help="print the commands only")
+    p.add_argument("--table_only", action="store_true", help="only rewrite table.md")
+    return p
+
+
+def main(study: Study, argv: Sequence[str] | None = None) -> None:
+    parser = arg_parser(study)
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    dataset = args.dataset or study.default_dataset[mode]
+    if args.table_only:
+        path = write_table(study, mode)
+        print(path or f"no {mode} results for {study.name} yet")
+        return
+    if dataset == "ckplus" and not args.manual_dir:
+        parser.error("CK+ is not distributed with fermsca and is not built here: pass "
+                     "--manual_dir=<folder with the CK+ files> (see fermsca/datasets/README.md)")
+    try:
+        sets = parse_sets(args.set)
+        num_folds = int(sets.get("dataset.num_folds", 10))
+        folds = parse_folds(args.folds, num_folds)
+    except ValueError as e:
+        parser.error(str(e))
+    names = [r.name for r in study.rows]
+    wanted = args.rows.split(",") if args.rows else names
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; {study.name} has {names}")
+    budget = (QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset]
+    data_flags = {k: v for k, v in (("dataset.manual_dir", args.manual_dir),
+                                    ("dataset.data_dir", args.data_dir)) if v}
+    start = time.time()
+    for row in study.rows:
+        if row.name not in wanted:
+            continue
+        for sub, extra in repeats(row, dataset, folds, sets):
+            overrides = {**budget, **row.overrides, **extra, **data_flags, **sets}
+            row_path = f"{dataset}-{row.name}" + (f"/{sub}" if sub else "")
+            train_row(study.name, mode, row_path, CONFIG_FILES[dataset], overrides,
+                      scratch=Path(args.scratch), rerun=args.rerun,
+                      keep_workdir=args.keep_workdirs, dry_run=args.dry_run)
+            if not args.dry_run:
+                write_table(study, mode)
+    if not args.dry_run:
+        path = write_table(study, mode)
+        print(f"{study.name} ({mode}) done in {time.time() - start:.0f} s; table: {path}")

@@ -1,0 +1,247 @@
+"""The study tables and the report on small hand-made results.json files (nothing is trained)."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import common, report, scaling, table3_ablation, table4_compare
+
+
+def fake_results(accuracy: float, dataset: str = "synthetic_faces", split: str = "test",
+                 epochs: float = 4, macro_f1: float | None = None) -> dict:
+    best = {"accuracy": accuracy, "macro_f1": accuracy - 0.05 if macro_f1 is None else macro_f1}
+    return {
+        "status": "completed",
+        "accuracy": accuracy,
+        "evaluated_split": split,
+        "evaluations": {"best": best, "last": dict(best)},
+        "best_validation_accuracy": accuracy + 0.01,
+        "epochs": epochs,
+        "wall_time_seconds": 60.0,
+        "config": {"model": {"widths": [16, 32, 64], "stem_width": 16}, "batch_size": 64},
+        "dataset": {"name": dataset, "split_sizes": {"train": 4000, "validation": 800, "test": 800}},
+        "device_kind": "cpu",
+        "device_count": 1,
+    }
+
+
+def write(path: Path, results: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(results))
+    return path / "results.json"
+
+
+def link_targets(markdown: str) -> list[str]:
+    return re.findall(r"\]\(([^)]+)\)", markdown)
+
+
+# Numbers and markdown ---------------------------------------------------------------------------
+
+
+def test_mean_std_is_the_sample_std():
+    values = [0.91, 0.95, 0.88, 0.97]
+    mean, std = common.mean_std(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert std == pytest.approx(np.std(values, ddof=1))
+    assert common.mean_std([0.5]) == (0.5, None)
+    with pytest.raises(ValueError):
+        common.mean_std([])
+
+
+def test_format_mean_std():
+    assert common.format_mean_std([0.81234]) == "0.8123"
+    assert common.format_mean_std([0.9, 1.0]) == "0.9500 ± 0.0707 (n=2)"
+
+
+def test_markdown_table_escapes_pipes_and_checks_widths():
+    text = common.markdown_table(["a", "b"], [[1, "x|y"], ["z", 2.5]])
+    assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |", "| z | 2.5 |"]
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        common.markdown_table(["a", "b"], [[1]])
+
+
+def test_config_flags_formats_each_field_once():
+    flags = common.config_flags({"model.widths": (16, 32, 64), "model.use_se": False,
+                                 "optimizer.learning_rate": 1e-4, "loss": "cosine",
+                                 "dataset.fold": 3})
+    assert flags == ["--config.model.widths=(16,32,64)", "--config.model.use_se=False",
+                     "--config.optimizer.learning_rate=0.0001", "--config.loss=cosine",
+                     "--config.dataset.fold=3"]
+    assert common.format_value((8,)) == "(8,)"
+
+
+def test_parse_folds_and_sets():
+    assert common.parse_folds("all", 10) == list(range(10))
+    assert common.parse_folds("0-2,7", 10) == [0, 1, 2, 7]
+    with pytest.raises(ValueError, match="outside"):
+        common.parse_folds("10", 10)
+    assert common.parse_sets(["batch_size=8", "config.model.dtype=bfloat16"]) == {
+        "batch_size": "8", "model.dtype": "bfloat16"}
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        common.parse_sets(["batch_size"])
+
+
+def test_ckplus_rows_repeat_over_folds_or_split_seeds():
+    kfold = common.Row("a", ("a",), {})
+    random = common.Row("b", ("b",), {"dataset.protocol": "random"})
+    assert common.repeats(kfold, "synthetic_faces", [0, 1]) == [("", {})]
+    assert common.repeats(kfold, "ckplus", [0, 1]) == [("fold_0", {"dataset.fold": 0}),
+                                                       ("fold_1", {"dataset.fold": 1})]
+    assert common.repeats(random, "ckplus", [2]) == [("seed_2", {"dataset.split_seed": 2})]
+    assert common.repeats(kfold, "ckplus", [0], {"dataset.protocol": "random"})[0][0] == "seed_0"
+
+
+# Study tables -----------------------------------------------------------------------------------
+
+
+def test_study_table_rows_link_to_their_results(tmp_path):
+    study = table3_ablation.STUDY
+    base = tmp_path / study.name / "quick"
+    write(base / "synthetic_faces-se0_bn0", fake_results(0.70))
+    write(base / "synthetic_faces-se1_bn1", fake_results(0.80))
+    for k, acc in enumerate((0.90, 0.94, 0.98)):
+        write(base / "ckplus-se1_bn1" / f"fold_{k}", fake_results(acc, dataset="ckplus"))
+
+    path = common.write_table(study, "quick", results_root=tmp_path)
+    text = path.read_text()
+    assert path == base / "table.md"
+    assert "## synthetic faces" in text and "## CK+" in text
+    synthetic, ckplus = text.split("## CK+")
+    assert ("| × | × | 0.7000 | 0.6500 | 0.7100 | test | 4 | 60 | 0.8688 | 0.9728 | "
+            "[results.json](synthetic_faces-se0_bn0/results.json) |") in synthetic
+    assert "| × | × | not run |" in ckplus
+    assert "not run" in text  # the SE-only and BN-only rows
+    assert "0.9400 ± 0.0400 (n=3)" in text
+    assert common.QUICK_NOTE in text
+    targets = link_targets(text)
+    assert len(targets) == 2 + 3
+    assert all((base / t).is_file() for t in targets)
+    assert "synthetic_faces-se0_bn0/results.json" in targets
+    assert "ckplus-se1_bn1/fold_2/results.json" in targets
+
+
+def test_study_table_is_none_without_results(tmp_path):
+    assert common.study_table(table3_ablation.STUDY, "full", results_root=tmp_path) is None
+    assert common.write_table(table3_ablation.STUDY, "full", results_root=tmp_path) is None
+
+
+def test_row_results_sort_folds_numerically(tmp_path):
+    for k in (10, 2, 1):
+        write(tmp_path / "row" / f"fold_{k}", fake_results(0.5))
+    assert [p.parent.name for p in common.row_results(tmp_path / "row")] == [
+        "fold_1", "fold_2", "fold_10"]
+    assert common.row_results(tmp_path / "missing") == []
+
+
+def test_summarize_rejects_unfinished_runs(tmp_path):
+    bad = {**fake_results(0.5), "status": "preempted"}
+    with pytest.raises(common.RunError, match="preempted"):
+        common.summarize([bad], [tmp_path / "results.json"])
+
+
+# Table 4 ----------------------------------------------------------------------------------------
+
+
+def test_table4_puts_ours_beside_published(tmp_path):
+    ferplus = write(tmp_path / "ferplus_run", fake_results(0.85, "ferplus", split="validation"))
+    for k, acc in enumerate((0.97, 0.99)):
+        write(tmp_path / "ck" / f"fold_{k}", fake_results(acc, "ckplus"))
+    write(tmp_path / "synthetic", fake_results(0.9))
+    ours, skipped = table4_compare.gather([str(ferplus), str(tmp_path / "ck"),
+                                           str(tmp_path / "synthetic"), str(tmp_path / "none")])
+    assert [o.dataset for o in ours] == ["ferplus", "ckplus"]
+    assert any("no published numbers" in s for s in skipped)
+    assert any("no results" in s for s in skipped)
+    text = table4_compare.table(ours, relative_to=tmp_path)
+    assert "| FER+ | TFE-jL [14] | 0.8429 |" in text
+    assert "| CK+ | PyConv-Attention Network [22] | 0.9846 |" in text
+    assert "ours: validation split" in text
+    assert "0.9800 ± 0.0141 (n=2)" in text
+    assert all((tmp_path / t).is_file() for t in link_targets(text))
+    published = [ln for ln in text.splitlines() if "published, as listed" in ln]
+    assert len(published) == len(table4_compare.PUBLISHED) == 12
+
+
+# Scaling ----------------------------------------------------------------------------------------
+
+
+def fake_bench(kind: str, devices: int, batch: int, ips: float) -> dict:
+    """A record as `fermsca.bench.benchmark` returns it, annotated as `scaling.measure` does."""
+    bench = {"batch_size": batch, "steps": 10, "seconds": 5.0, "images_per_second": ips,
+             "step_ms": 1000 * batch / ips, "compile_seconds": 2.0, "step_gflop": 1.3,
+             "achieved_gflops": 9.0, "dtype": "float32", "device_kind": "cpu",
+             "device_count": devices, "host": {"machine": "x86_64", "cpu_count": 2},
+             "jax": "0", "widths": [16, 32, 64], "stem_width": 16}
+    return {**scaling.annotate(bench, "cpu", devices, 1.5), "scaling": kind}
+
+
+def test_scaling_efficiency_table_and_plot(tmp_path):
+    records = [fake_bench("strong", 1, 64, 400.0), fake_bench("strong", 2, 64, 360.0),
+               fake_bench("weak", 1, 16, 300.0), fake_bench("weak", 4, 64, 600.0)]
+    rows = {(r["scaling"], r["devices"]): r for r in scaling.efficiencies(records)}
+    assert rows["strong", 2]["speedup"] == pytest.approx(0.9)
+    assert rows["strong", 2]["efficiency"] == pytest.approx(0.45)
+    assert rows["weak", 4]["efficiency"] == pytest.approx(0.5)
+    text = scaling.table(records, "quick", plot=tmp_path / "scaling.png", relative_to=tmp_path)
+    assert "| strong | 2 | 64 | 32 | 360.0 | 177.8 | 0.90 | 0.45 | 2.0 |" in text
+    assert "| weak | 4 | 64 | 16 | 600.0 |" in text
+    assert "![scaling](scaling.png)" in text
+    assert "cannot show speedup" in text
+    scaling.plot(records, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(common.RunError, match="expected 4"):
+        scaling.annotate({"device_count": 1, "batch_size": 8}, "cpu", 4, 0.0)
+
+
+# README section ---------------------------------------------------------------------------------
+
+
+def test_replace_section_touches_only_the_marked_part():
+    text = f"# Title\n\nintro\n\n{report.BEGIN}\nold table\n{report.END}\n\n## After\ntext\n"
+    new = report.replace_section(text, "| a |\n|---|\n| 1 |\n")
+    assert new == (f"# Title\n\nintro\n\n{report.BEGIN}\n| a |\n|---|\n| 1 |\n{report.END}\n\n"
+                   "## After\ntext\n")
+    assert report.replace_section(new, "| a |\n|---|\n| 1 |") == new  # idempotent
+
+
+def test_replace_section_requires_the_markers():
+    assert not report.has_section("no markers")
+    assert not report.has_section(f"{report.END} reversed {report.BEGIN}")
+    with pytest.raises(ValueError, match="no"):
+        report.replace_section("# README\n", "x")
+    with pytest.raises(ValueError, match="expected one"):
+        report.replace_section(f"{report.BEGIN}{report.END}{report.BEGIN}{report.END}", "x")
+
+
+def test_report_gathers_tables_with_links_from_the_readme(tmp_path):
+    results = tmp_path / "experiments" / "results"
+    write(results / "table3_ablation" / "quick" / "synthetic_faces-se1_bn1", fake_results(0.8))
+    write(results / "loss_study" / "full" / "ferplus-cosine", fake_results(0.86, "ferplus"))
+    text = report.gather(tmp_path, results_root=results, table4_sources=[])
+    assert "### Table 3: SE and BN ablation (quick)" in text
+    assert "### Loss: cosine similarity against cross-entropy (full)" in text
+    assert "### Table 4: comparison with published results" in text
+    assert "Table 2" not in text  # no results, no table
+    targets = link_targets(text)
+    assert "experiments/results/table3_ablation/quick/synthetic_faces-se1_bn1/results.json" in targets
+    assert all((tmp_path / t).is_file() for t in targets)
+
+
+def test_report_main_rewrites_only_a_marked_readme(tmp_path, capsys):
+    results = tmp_path / "experiments" / "results"
+    write(results / "loss_study" / "quick" / "synthetic_faces-cosine", fake_results(0.7))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n")
+    report.main(["--readme", str(readme)], results_root=results)
+    assert readme.read_text() == "# Project\n"
+    assert "printing the tables instead" in capsys.readouterr().out
+
+    readme.write_text(f"# Project\n\n{report.BEGIN}\n{report.END}\n\nLicense\n")
+    report.main(["--readme", str(readme)], results_root=results)
+    text = readme.read_text()
+    assert text.startswith(f"# Project\n\n{report.BEGIN}\n### Loss") and text.endswith(
+        f"{report.END}\n\nLicense\n")
+    assert "(experiments/results/loss_study/quick/synthetic_faces-cosine/results.json)" in text
