@@ -24,7 +24,7 @@ class _QuietLibraries(logging.logging.Filter):
     """Drops the checkpoint library's INFO chatter from the log; its warnings and errors stay."""
 
     def filter(self, record):
-        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+        return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv):
