@@ -37,8 +37,8 @@ STUDY = common.Study(
     ),
     paper_columns=(("ferplus", "Paper FER+"), ("ckplus", "Paper CK+")),
     note="Constant Adam learning rates against the paper's piecewise-constant schedule (Table 1, "
-         "boundaries at epochs 80/120/160/180 of 200, scaled to the run's epochs). Paper columns: "
-         "the accuracies published in Wang & Zhang 2023, Table 2.",
+         "rate changes at the start of epochs 81/121/161/181 of 200, scaled to the run's epochs). "
+         "Paper columns: the accuracies published in Wang & Zhang 2023, Table 2.",
 )
 
 if __name__ == "__main__":
