@@ -327,10 +327,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer = Trainer(config, num_classes, steps_per_epoch, mesh)
     ckpts = checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                       asynchronous=config.async_checkpoints)
-    state = trainer.init_state()
     history: list[dict] = []
     restored = ckpts.restore_latest(trainer.abstract_state())
-    if restored is not None:
+    if restored is None:
+        state = trainer.init_state()
+    else:  # a resumed run never needs the fresh initialisation
         state, meta = restored
         state = trainer.place(state)
         history = list(meta.get("history", []))
