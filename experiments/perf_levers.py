@@ -1,55 +1,98 @@
 """Measured effect of train-step performance levers: `python -m experiments.perf_levers`.
 
-Each lever runs `fermsca.bench.benchmark` (paper configuration, batch 128, after compilation) in
-its own process, so the variants do not share compiled code or caches. Levers so far:
+Each variant runs `fermsca.bench.benchmark` (paper configuration, batch 128, the full train step, after
+compilation) in its own process, so variants share no compiled code or caches; the variants are run in
+`--rounds` interleaved rounds and the table gives the median img/s. None changes the model's
+mathematics (results agree to float32 rounding; tests/test_models.py and tests/test_onednn_conv.py pin
+that). Cumulative, from the plain Flax/XLA version to the default:
 
-- `flax_max_pool`: the Flax/XLA max-pooling (`nn.max_pool`, select-and-scatter gradient);
+- `flax_max_pool`: `nn.max_pool` (XLA select-and-scatter gradient), projection unfused;
 - `fermsca_pools`: `models.max_pool_2x2` (reshape + max) and `models.max_pool_3x3_same` (separable
-  shifted maxima), the project's default.
+  shifted maxima);
+- `fused_projection`: + the residual projection and the 1x1 branch as one convolution (the default);
+- `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`).
+
+Ablations of the default: `no_donation` (state buffers not donated to the step) and `bfloat16`
+(compute in bfloat16, parameters float32).
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
-VARIANTS = ("flax_max_pool", "fermsca_pools")
+VARIANTS = ("flax_max_pool", "fermsca_pools", "fused_projection", "onednn_conv", "no_donation",
+            "bfloat16")
+OUTPUT = "experiments/results/bench/perf_levers.json"
 
 
 def _worker(variant: str, seconds: float) -> dict:
     import flax.linen as nn
+    import jax
 
     from configs import ferplus
     from fermsca import bench, models
 
+    config = ferplus.get_config()
+    if variant in ("flax_max_pool", "fermsca_pools"):
+        config.model.fuse_projection = False
     if variant == "flax_max_pool":
         models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
         models.max_pool_3x3_same = lambda x: nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
-    record = bench.benchmark(ferplus.get_config(), 128, seconds)
+    if variant == "onednn_conv":
+        config.model.conv_impl = "onednn"
+    if variant == "bfloat16":
+        config.model.dtype = "bfloat16"
+    if variant == "no_donation":
+        jit = jax.jit
+
+        def jit_without_donation(fn, **kwargs):
+            kwargs.pop("donate_argnums", None)
+            return jit(fn, **kwargs)
+        jax.jit = jit_without_donation  # this worker process only: no step donates its inputs
+    record = bench.benchmark(config, 128, seconds)
     record["variant"] = variant
     return record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--output", default="experiments/results/bench/perf_levers.json")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--output", default=OUTPUT)
     parser.add_argument("--worker", choices=VARIANTS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker, args.seconds)))
         return
-    records = []
-    for variant in VARIANTS:
-        out = subprocess.run([sys.executable, "-m", "experiments.perf_levers", "--worker", variant,
-                              f"--seconds={args.seconds}"], capture_output=True, text=True,
-                             check=True)
-        records.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{variant}: {records[-1]['images_per_second']:.1f} img/s")
+    runs = {v: [] for v in args.variants}
+    for r in range(args.rounds):
+        for variant in args.variants:
+            out = subprocess.run([sys.executable, "-m", "experiments.perf_levers", "--worker", variant,
+                                  f"--seconds={args.seconds}"], capture_output=True, text=True)
+            if out.returncode:
+                print(f"{variant}: failed\n{out.stderr[-2000:]}")
+                runs[variant].append({"error": out.stderr[-2000:]})
+                continue
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {variant}: {runs[variant][-1]['images_per_second']:.1f} img/s")
+    table = []
+    for variant, records in runs.items():
+        ok = [rec["images_per_second"] for rec in records if "images_per_second" in rec]
+        table.append({"variant": variant, "median_images_per_second": statistics.median(ok) if ok else None,
+                      "per_round": ok})
+    base = {row["variant"]: row["median_images_per_second"] for row in table}
+    for row in table:
+        if row["median_images_per_second"] and base.get("flax_max_pool"):
+            row["speedup_vs_flax_max_pool"] = row["median_images_per_second"] / base["flax_max_pool"]
+        print(f"{row['variant']:18s} {row['median_images_per_second'] or float('nan'):7.1f} img/s")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"command": "python -m experiments.perf_levers", "records": records}, f, indent=2)
+        json.dump({"command": "python -m experiments.perf_levers", "rounds": args.rounds,
+                   "seconds": args.seconds, "table": table, "records": runs}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,24 @@ def _cost_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def model_step(state, images: jax.Array, targets: jax.Array, *, model, tx):
+    """Forward, cosine loss (eq. 4), backward and optimiser update on preprocessed images: the
+    train step without augmentation, metrics or the non-finite guard (for comparisons and profiles)."""
+    import optax
+
+    from fermsca import losses
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                      train=True, mutable=["batch_stats"])
+        return jnp.mean(losses.cosine_similarity_loss(logits, targets)), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state), loss
+
+
 def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
     from fermsca import train
 

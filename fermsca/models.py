@@ -26,6 +26,21 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+CONV_IMPLS = ("xla", "onednn")
+
+
+def conv_function(conv_impl: str):
+    """The `conv_general_dilated` for `nn.Conv`: None (XLA's) for "xla", or the oneDNN custom call
+    (`fermsca.onednn_conv`, an optional CPU fast path with the same mathematics) for "onednn"."""
+    if conv_impl == "xla":
+        return None
+    if conv_impl == "onednn":
+        from fermsca import onednn_conv
+
+        if not onednn_conv.available():
+            raise RuntimeError(f"conv_impl='onednn' is unavailable: {onednn_conv.unavailable_reason()}")
+        return onednn_conv.conv_general_dilated
+    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -74,6 +89,33 @@ class SqueezeExcite(nn.Module):
         return u * s[:, None, None, :].astype(u.dtype)  # eq. (3)
 
 
+def conv_same(x: jax.Array, kernel: jax.Array, dtype: Dtype, conv_impl: str = "xla") -> jax.Array:
+    """Stride-1 SAME convolution in `dtype`, as `nn.Conv` computes it (NHWC input, HWIO kernel)."""
+    fn = conv_function(conv_impl) or jax.lax.conv_general_dilated
+    k = kernel.shape[:2]
+    padding = [((k[0] - 1) // 2, k[0] // 2), ((k[1] - 1) // 2, k[1] // 2)]
+    return fn(x.astype(dtype), kernel.astype(dtype), (1, 1), padding,
+              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class ConvKernel(nn.Module):
+    """An `nn.Conv`'s kernel (and bias) under the same names, shapes and initialisers, not applied.
+
+    Lets convolutions that read the same input run as one wider convolution (`fuse_projection`)
+    while the parameters stay where `nn.Conv` keeps them, so checkpoints are interchangeable.
+    """
+
+    shape: tuple[int, int, int, int]  # HWIO
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+        bias = (self.param("bias", nn.initializers.zeros_init(), (self.shape[-1],), jnp.float32)
+                if self.use_bias else None)
+        return kernel, bias
+
+
 class ConvUnit(nn.Module):
     """Convolution -> [BatchNorm] -> ReLU -> [SE]: one scale of the improved Inception module."""
 
@@ -83,21 +125,35 @@ class ConvUnit(nn.Module):
     use_se: bool = True
     se_reduction: int = 8
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, shortcut_kernel: jax.Array | None = None):
+        """[B, H, W, C] -> [B, H, W, features]; with `shortcut_kernel` ([k, k, C, F'], the residual
+        block's projection), also that convolution of x, computed in the same convolution:
+        returns (unit output, projected x)."""
         k = self.kernel_size
-        x = nn.Conv(
-            self.features, (k, k), padding="SAME", use_bias=not self.use_bn, dtype=self.dtype,
-            name="conv",
-        )(x)
+        if shortcut_kernel is None:
+            x = nn.Conv(
+                self.features, (k, k), padding="SAME", use_bias=not self.use_bn, dtype=self.dtype,
+                conv_general_dilated=conv_function(self.conv_impl), name="conv",
+            )(x)
+            shortcut = None
+        else:
+            kernel, bias = ConvKernel((k, k, x.shape[-1], self.features), use_bias=not self.use_bn,
+                                      name="conv")()
+            both = conv_same(x, jnp.concatenate([kernel, shortcut_kernel], axis=-1), self.dtype,
+                             self.conv_impl)
+            x, shortcut = both[..., :self.features], both[..., self.features:]
+            if bias is not None:
+                x = x + bias.astype(x.dtype)
         if self.use_bn:
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                              name="bn")(x)
         x = nn.relu(x)
         if self.use_se:
             x = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="se")(x)
-        return x
+        return x if shortcut is None else (x, shortcut)
 
 
 class MultiScaleConv(nn.Module):
@@ -114,21 +170,27 @@ class MultiScaleConv(nn.Module):
     use_se: bool = True
     se_reduction: int = 8
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # [B, H, W, C_in]
+    def __call__(self, x: jax.Array, train: bool, shortcut_kernel: jax.Array | None = None):
+        """[B, H, W, C_in] -> [B, H, W, features]. With `shortcut_kernel` (a 1x1 kernel reading the
+        same x), the 1x1 branch computes that convolution too: returns (output, projected x)."""
         if self.features % 4:
             raise ValueError(f"MultiScaleConv features={self.features} must be a multiple of 4")
         unit = functools.partial(
             ConvUnit, self.features // 4, use_bn=self.use_bn, use_se=self.use_se,
-            se_reduction=self.se_reduction, dtype=self.dtype,
+            se_reduction=self.se_reduction, dtype=self.dtype, conv_impl=self.conv_impl,
         )
-        b1 = unit(1, name="branch1x1")(x, train)
+        b1 = unit(1, name="branch1x1")(x, train, shortcut_kernel)
+        if shortcut_kernel is not None:
+            b1, shortcut = b1
         b3 = unit(3, name="branch3x3")(x, train)
         b5 = unit(5, name="branch5x5")(x, train)
         pooled = max_pool_3x3_same(x)
         bp = unit(1, name="branch_pool")(pooled, train)
-        return jnp.concatenate([b1, b3, b5, bp], axis=-1)  # [B, H, W, features]
+        y = jnp.concatenate([b1, b3, b5, bp], axis=-1)  # [B, H, W, features]
+        return y if shortcut_kernel is None else (y, shortcut)
 
 
 class ResidualBlock(nn.Module):
@@ -136,7 +198,9 @@ class ResidualBlock(nn.Module):
 
     The input is projected by a 1x1 convolution (+ BN) when its channel count differs from `features`.
     `use_bn` / `use_se` apply to the multiscale module (the Table 3 ablation); the block's own conv + BN
-    and SE are part of the residual structure and always present.
+    and SE are part of the residual structure and always present. `fuse_projection` computes the
+    projection and the multiscale 1x1 branch, both 1x1 convolutions of x, as one convolution (same
+    parameters and mathematics; faster on XLA's CPU backend, experiments/results/bench).
     """
 
     features: int
@@ -144,22 +208,30 @@ class ResidualBlock(nn.Module):
     use_se: bool = True
     se_reduction: int = 8
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
+    fuse_projection: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = MultiScaleConv(self.features, self.use_bn, self.use_se, self.se_reduction,
-                           dtype=self.dtype, name="multiscale")(x, train)
-        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    name="conv")(y)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                                 conv_general_dilated=conv_function(self.conv_impl))
+        multiscale = MultiScaleConv(self.features, self.use_bn, self.use_se, self.se_reduction,
+                                    dtype=self.dtype, conv_impl=self.conv_impl, name="multiscale")
+        project = x.shape[-1] != self.features
+        if project and self.fuse_projection:
+            kernel, _ = ConvKernel((1, 1, x.shape[-1], self.features), name="proj_conv")()
+            y, shortcut = multiscale(x, train, shortcut_kernel=kernel)
+        else:
+            y = multiscale(x, train)
+            shortcut = conv(self.features, (1, 1), name="proj_conv")(x) if project else x
+        y = conv(self.features, (3, 3), padding="SAME", name="conv")(y)
         y = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                          name="bn")(y)
         y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="se")(y)
-        if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                        name="proj_conv")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                             name="proj_bn")(x)
-        return nn.relu(x + y)
+        if project:
+            shortcut = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                    name="proj_bn")(shortcut)
+        return nn.relu(shortcut + y)
 
 
 class FERNet(nn.Module):
@@ -178,12 +250,14 @@ class FERNet(nn.Module):
     se_reduction: int = 8
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"  # "xla" | "onednn" (CPU custom call, same mathematics)
+    fuse_projection: bool = True  # see ResidualBlock
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, 48, 48, 1]
         x = x.astype(self.dtype)
         x = nn.Conv(self.stem_width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    name="stem_conv")(x)
+                    conv_general_dilated=conv_function(self.conv_impl), name="stem_conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                          name="stem_bn")(x)
         x = nn.relu(x)
@@ -193,7 +267,8 @@ class FERNet(nn.Module):
             if i > 0:
                 x = max_pool_2x2(x)
             x = ResidualBlock(width, self.use_bn, self.use_se, self.se_reduction,
-                              dtype=self.dtype, name=f"block{i + 1}")(x, train)
+                              dtype=self.dtype, conv_impl=self.conv_impl,
+                              fuse_projection=self.fuse_projection, name=f"block{i + 1}")(x, train)
         x = jnp.mean(x, axis=(1, 2))  # global average pooling: [B, C]
         if self.dropout_rate:
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -215,6 +290,8 @@ def from_config(config: Any, num_classes: int) -> FERNet:
         se_reduction=config.se_reduction,
         dropout_rate=config.get("dropout_rate", 0.0),
         dtype=dtypes[config.dtype],
+        conv_impl=config.get("conv_impl", "xla"),
+        fuse_projection=config.get("fuse_projection", True),
     )
 
 

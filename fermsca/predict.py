@@ -124,7 +124,8 @@ def load_model(path: str) -> LoadedModel:
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise checkpoint.CheckpointError(
             f"{where}/meta: needs 'config' (JSON) and 'class_names' ({e})") from e
-    model = models.from_config(config.model, len(class_names))
+    # Inference uses XLA's convolutions whatever the run trained with (conv_impl changes speed only).
+    model = models.from_config(config.model, len(class_names)).clone(conv_impl="xla")
     expected = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1, faces.FACE_SIZE, faces.FACE_SIZE, 1), jnp.float32))
     problems = checkpoint.shape_mismatches(dict(expected), variables)

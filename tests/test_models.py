@@ -364,6 +364,45 @@ def test_from_config():
         models.from_config(model_config(dtype="float64"), 8)
 
 
+def test_from_config_compute_switches():
+    model = models.from_config(model_config(conv_impl="xla", fuse_projection=False), 8)
+    assert (model.conv_impl, model.fuse_projection) == ("xla", False)
+    assert models.from_config(model_config(), 8).fuse_projection  # absent fields: the defaults
+    bad = models.from_config(model_config(conv_impl="cudnn", dtype="float32"), 8)
+    with pytest.raises(ValueError, match="conv_impl='cudnn'"):
+        bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+
+
+@pytest.mark.parametrize("use_bn", [True, False])
+def test_fused_projection_same_parameters_outputs_and_gradients(use_bn):
+    """One convolution for the 1x1 branch + the projection: identical variables (names, shapes, init
+    values) and the unfused network's outputs, batch statistics and gradients to float32 rounding."""
+    fused = models.FERNet(**SMALL, use_bn=use_bn, fuse_projection=True)
+    plain = models.FERNet(**SMALL, use_bn=use_bn, fuse_projection=False)
+    x = randn((4, 16, 16, 1), seed=11)
+    v_fused, v_plain = fused.init(jax.random.key(3), x), plain.init(jax.random.key(3), x)
+    assert jax.tree.structure(v_fused) == jax.tree.structure(v_plain)
+    for a, b in zip(jax.tree.leaves(v_fused), jax.tree.leaves(v_plain)):
+        np.testing.assert_array_equal(a, b)
+    assert "proj_conv" in v_plain["params"]["block2"]  # the blocks that project are exercised
+    variables = numpy_init(plain, x)
+
+    def loss(params, model):
+        out, updates = model.apply({**variables, "params": params}, x, train=True,
+                                   mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(out)), updates
+
+    (l_f, up_f), g_f = jax.value_and_grad(loss, has_aux=True)(variables["params"], fused)
+    (l_p, up_p), g_p = jax.value_and_grad(loss, has_aux=True)(variables["params"], plain)
+    np.testing.assert_allclose(l_f, l_p, rtol=1e-5)
+    # float32 rounding differs with the convolution's blocking; BatchNorm's backward over a batch of
+    # 4 amplifies it to ~5e-5 of a leaf's scale. A misrouted channel would differ by O(1).
+    for a, b in zip(jax.tree.leaves((g_f, up_f)), jax.tree.leaves((g_p, up_p))):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4 * float(np.abs(b).max() + 1e-12))
+    np.testing.assert_allclose(fused.apply(variables, x), plain.apply(variables, x), rtol=1e-5,
+                               atol=1e-6)
+
+
 def tiny_param_count(use_bn: bool, use_se: bool) -> int:
     """FERNet(num_classes=3, stem_width=8, widths=(8, 16, 16)), r = 8, counted by hand.
 
