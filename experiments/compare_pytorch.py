@@ -276,6 +276,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         print(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{name} {v[-1]:.1f}" for name, v in per_round.items()) + " img/s")
     img_s = {name: statistics.median(v) for name, v in per_round.items()}
+    torch_profile = _torch_profile(variants["pytorch eager channels_last"])
     best_torch = max(img_s["pytorch eager NCHW"], img_s["pytorch eager channels_last"])
     matmul = bench.matmul_gflops()
     gflop = model_step_flops / batch_size / 1e9 if model_step_flops else None
@@ -295,6 +296,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "matmul_gflops": matmul,
         "parameters": n_flax,
         "equivalence": equivalence,
+        "pytorch_channels_last_profile_ms_per_step": torch_profile,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__,
@@ -304,6 +306,17 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
     if record["model_step_achieved_gflops"]:
         record["model_step_fraction_of_matmul"] = record["model_step_achieved_gflops"] / matmul
     return record
+
+
+def _torch_profile(step, steps: int = 3) -> dict:
+    """PyTorch's own breakdown of a step: self CPU ms per step of its 15 costliest operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in rows[:15]}
 
 
 def _cpu_model() -> str | None:
