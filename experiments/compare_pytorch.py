@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fermsca import augment, bench, models, train
+from fermsca import augment, bench, hostenv, models, train
 
 OUTPUT = "experiments/results/bench/compare_pytorch.json"
 
@@ -297,6 +297,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "parameters": n_flax,
         "equivalence": equivalence,
         "pytorch_channels_last_profile_ms_per_step": torch_profile,
+        "hugepage_malloc": hostenv.hugepage_malloc_active(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__,
@@ -353,4 +354,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.ensure_hugepage_malloc()
     main()

@@ -9,11 +9,13 @@ that). Cumulative, from the plain Flax/XLA version to the default:
 - `flax_max_pool`: `nn.max_pool` (XLA select-and-scatter gradient), projection unfused;
 - `fermsca_pools`: `models.max_pool_2x2` (reshape + max) and `models.max_pool_3x3_same` (separable
   shifted maxima);
-- `fused_projection`: + the residual projection and the 1x1 branch as one convolution (the default);
-- `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`).
+- `fused_projection`: + the residual projection and the 1x1 branch as one convolution;
+- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`); this is what
+  `python -m fermsca.main` runs by default;
+- `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`, optional).
 
-Ablations of the default: `no_donation` (state buffers not donated to the step) and `bfloat16`
-(compute in bfloat16, parameters float32).
+Ablations of the default (`hugepage_malloc`): `no_donation` (state buffers not donated to the step)
+and `bfloat16` (compute in bfloat16, parameters float32).
 """
 
 import argparse
@@ -23,8 +25,11 @@ import statistics
 import subprocess
 import sys
 
-VARIANTS = ("flax_max_pool", "fermsca_pools", "fused_projection", "onednn_conv", "no_donation",
-            "bfloat16")
+from fermsca import hostenv
+
+VARIANTS = ("flax_max_pool", "fermsca_pools", "fused_projection", "hugepage_malloc", "onednn_conv",
+            "no_donation", "bfloat16")
+WITHOUT_HUGEPAGES = ("flax_max_pool", "fermsca_pools", "fused_projection")
 OUTPUT = "experiments/results/bench/perf_levers.json"
 
 
@@ -71,8 +76,11 @@ def main() -> None:
     runs = {v: [] for v in args.variants}
     for r in range(args.rounds):
         for variant in args.variants:
+            env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+            if variant not in WITHOUT_HUGEPAGES:
+                env["GLIBC_TUNABLES"] = hostenv.TUNABLE
             out = subprocess.run([sys.executable, "-m", "experiments.perf_levers", "--worker", variant,
-                                  f"--seconds={args.seconds}"], capture_output=True, text=True)
+                                  f"--seconds={args.seconds}"], capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{variant}: failed\n{out.stderr[-2000:]}")
                 runs[variant].append({"error": out.stderr[-2000:]})

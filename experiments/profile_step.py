@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fermsca import hostenv
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -224,4 +226,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.ensure_hugepage_malloc()
     main()

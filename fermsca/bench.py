@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fermsca import hostenv
+
 
 def matmul_gflops(n: int = 2048, seconds: float = 3.0, dtype=jnp.float32) -> float:
     """Sustained GFLOP/s of an n x n matmul on the default device."""
@@ -96,6 +98,9 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
         "step_gflop": step_flops / 1e9 if step_flops else None,
         "achieved_gflops": step_flops * steps / elapsed / 1e9 if step_flops else None,
         "dtype": config.model.dtype,
+        "conv_impl": config.model.get("conv_impl", "xla"),
+        "fuse_projection": config.model.get("fuse_projection", True),
+        "hugepage_malloc": hostenv.hugepage_malloc_active(),
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count()},
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--conv_impl", default="xla", choices=["xla", "onednn"])
     parser.add_argument("--no_matmul", action="store_true", help="skip the matmul reference")
     parser.add_argument("--output", help="write the record as JSON here")
     args = parser.parse_args()
@@ -116,6 +122,7 @@ def main() -> None:
 
     config = ferplus.get_config()
     config.model.dtype = args.dtype
+    config.model.conv_impl = args.conv_impl
     record = benchmark(config, args.batch_size, args.seconds)
     if not args.no_matmul:
         record["matmul_gflops"] = matmul_gflops()
@@ -123,7 +130,8 @@ def main() -> None:
             record["fraction_of_matmul"] = record["achieved_gflops"] / record["matmul_gflops"]
     print(f"{record['images_per_second']:.1f} img/s  (batch {args.batch_size}, "
           f"{record['step_ms']:.1f} ms/step, {record['device_count']} x "
-          f"{record['device_kind']}, {args.dtype})")
+          f"{record['device_kind']}, {args.dtype}, conv {args.conv_impl}, huge-page malloc "
+          f"{'on' if record['hugepage_malloc'] else 'off'})")
     if record["achieved_gflops"]:
         line = f"train step {record['step_gflop']:.2f} GFLOP -> {record['achieved_gflops']:.1f} GFLOP/s"
         if "matmul_gflops" in record:
@@ -137,4 +145,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.ensure_hugepage_malloc()
     main()

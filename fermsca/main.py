@@ -10,6 +10,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fermsca import hostenv
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -60,4 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hostenv.ensure_hugepage_malloc()
     app.run(main)

@@ -382,7 +382,7 @@ def test_fused_projection_same_parameters_outputs_and_gradients(use_bn):
     x = randn((4, 16, 16, 1), seed=11)
     v_fused, v_plain = fused.init(jax.random.key(3), x), plain.init(jax.random.key(3), x)
     assert jax.tree.structure(v_fused) == jax.tree.structure(v_plain)
-    for a, b in zip(jax.tree.leaves(v_fused), jax.tree.leaves(v_plain)):
+    for a, b in zip(jax.tree.leaves(v_fused), jax.tree.leaves(v_plain), strict=True):
         np.testing.assert_array_equal(a, b)
     assert "proj_conv" in v_plain["params"]["block2"]  # the blocks that project are exercised
     variables = numpy_init(plain, x)
@@ -397,7 +397,7 @@ def test_fused_projection_same_parameters_outputs_and_gradients(use_bn):
     np.testing.assert_allclose(l_f, l_p, rtol=1e-5)
     # float32 rounding differs with the convolution's blocking; BatchNorm's backward over a batch of
     # 4 amplifies it to ~5e-5 of a leaf's scale. A misrouted channel would differ by O(1).
-    for a, b in zip(jax.tree.leaves((g_f, up_f)), jax.tree.leaves((g_p, up_p))):
+    for a, b in zip(jax.tree.leaves((g_f, up_f)), jax.tree.leaves((g_p, up_p)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4 * float(np.abs(b).max() + 1e-12))
     np.testing.assert_allclose(fused.apply(variables, x), plain.apply(variables, x), rtol=1e-5,
                                atol=1e-6)

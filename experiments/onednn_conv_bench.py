@@ -1,0 +1,189 @@
+"""XLA vs oneDNN on the network's convolutions: `python -m experiments.onednn_conv_bench`.
+
+For each convolution of FERNet (batch 128, float32, NHWC / HWIO, stride 1 SAME) it times, jitted and
+after compilation, the forward pass and forward + backward (`value_and_grad` of <y, r> w.r.t. both the
+input and the kernel) on XLA's CPU convolution (`lax.conv_general_dilated`) and on the oneDNN custom
+calls (`fermsca.onednn_conv`). Each timing is the median over `--rounds` interleaved rounds of the
+median of `--iters` calls, so a load spike from another process hits both paths alike; the load
+average before and after is recorded. Prints a table and writes JSON to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fermsca import onednn_conv
+
+OUTPUT = Path(__file__).resolve().parent / "results" / "bench" / "onednn_conv.json"
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+# (name, H=W, C_in, C_out, kernel, how many times the network has it)
+SHAPES = [
+    ("stem 3x3 1->64 @48", 48, 1, 64, 3, 1),
+    ("b1 1x1 64->16 @24", 24, 64, 16, 1, 2),
+    ("b1 3x3 64->16 @24", 24, 64, 16, 3, 1),
+    ("b1 5x5 64->16 @24", 24, 64, 16, 5, 1),
+    ("b1 3x3 64->64 @24", 24, 64, 64, 3, 1),
+    ("b2 1x1 64->32 @12", 12, 64, 32, 1, 2),
+    ("b2 3x3 64->32 @12", 12, 64, 32, 3, 1),
+    ("b2 5x5 64->32 @12", 12, 64, 32, 5, 1),
+    ("b2 3x3 128->128 @12", 12, 128, 128, 3, 1),
+    ("b2 1x1 64->128 @12", 12, 64, 128, 1, 1),
+    ("b3 1x1 128->64 @6", 6, 128, 64, 1, 2),
+    ("b3 3x3 128->64 @6", 6, 128, 64, 3, 1),
+    ("b3 5x5 128->64 @6", 6, 128, 64, 5, 1),
+    ("b3 3x3 256->256 @6", 6, 256, 256, 3, 1),
+    ("b3 1x1 128->256 @6", 6, 128, 256, 1, 1),
+]
+# With `fuse_projection` the projection and the 1x1 branch run as one 1x1 convolution (not in the total).
+FUSED_SHAPES = [
+    ("b2 1x1 64->160 @12 (fused)", 12, 64, 160, 1, 0),
+    ("b3 1x1 128->320 @6 (fused)", 6, 128, 320, 1, 0),
+]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_isa() -> list[str]:
+    """The vector-ISA flags of /proc/cpuinfo that decide oneDNN's kernels (AVX2, AVX-512, AMX ...)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split()
+                              if f.startswith(("avx", "amx", "fma")))
+    except OSError:
+        pass
+    return []
+
+
+def _functions(conv):
+    def fwd(x, w):
+        return conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+    def loss(x, w, r):
+        return jnp.vdot(fwd(x, w), r)
+
+    return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def _median_ms(fn, args, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def bench_shape(batch, hw, cin, cout, k, rounds, iters) -> dict:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((batch, hw, hw, cout)), jnp.float32)
+    paths = {"xla": _functions(lax.conv_general_dilated),
+             "onednn": _functions(onednn_conv.conv_general_dilated)}
+    runs = {(p, m): [] for p in paths for m in ("fwd", "fwd_bwd")}
+    for fwd, fwd_bwd in paths.values():  # compile and warm up
+        for _ in range(2):
+            jax.block_until_ready(fwd(x, w))
+            jax.block_until_ready(fwd_bwd(x, w, r))
+    for _ in range(rounds):
+        for p, (fwd, fwd_bwd) in paths.items():
+            runs[(p, "fwd")].append(_median_ms(fwd, (x, w), iters))
+            runs[(p, "fwd_bwd")].append(_median_ms(fwd_bwd, (x, w, r), iters))
+    out = {f"{p}_{m}_ms": statistics.median(v) for (p, m), v in runs.items()}
+    out["runs_ms"] = {f"{p}_{m}": v for (p, m), v in runs.items()}
+    out["onednn_impl"] = {
+        kind: onednn_conv.impl_info(kind, x.shape, w.shape) for kind in ("fwd", "bwd_data", "bwd_weights")
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--no-fused", action="store_true", help="Skip the fused 1x1 projection shapes.")
+    parser.add_argument("--output", default=str(OUTPUT), help="JSON path; empty to skip writing.")
+    args = parser.parse_args()
+
+    reason = onednn_conv.unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"oneDNN fast path unavailable: {reason}")
+    shapes = SHAPES + ([] if args.no_fused else FUSED_SHAPES)
+    load_before = os.getloadavg()
+    begin = time.perf_counter()
+    rows = []
+    header = (f"{'convolution':28s} {'xla fwd':>8s} {'dnnl fwd':>8s} {'x':>5s}   "
+              f"{'xla f+b':>8s} {'dnnl f+b':>8s} {'x':>5s}")
+    info = onednn_conv.build_info()
+    print(f"batch {args.batch}, ms (median of {args.rounds} rounds x {args.iters} calls); oneDNN "
+          f"{info['onednn_version']} ({info['onednn_cpu_runtime']}), {_cpu_model()}")
+    print(header)
+    for name, hw, cin, cout, k, count in shapes:
+        row = dict(name=name, hw=hw, c_in=cin, c_out=cout, kernel=k, count_in_network=count,
+                   **bench_shape(args.batch, hw, cin, cout, k, args.rounds, args.iters))
+        rows.append(row)
+        print(f"{name:28s} {row['xla_fwd_ms']:8.2f} {row['onednn_fwd_ms']:8.2f} "
+              f"{row['xla_fwd_ms'] / row['onednn_fwd_ms']:5.2f}   {row['xla_fwd_bwd_ms']:8.2f} "
+              f"{row['onednn_fwd_bwd_ms']:8.2f} {row['xla_fwd_bwd_ms'] / row['onednn_fwd_bwd_ms']:5.2f}",
+              flush=True)
+    totals = {key: sum(r[key] * r["count_in_network"] for r in rows)
+              for key in ("xla_fwd_ms", "onednn_fwd_ms", "xla_fwd_bwd_ms", "onednn_fwd_bwd_ms")}
+    print(f"{'network total (unfused)':28s} {totals['xla_fwd_ms']:8.2f} {totals['onednn_fwd_ms']:8.2f} "
+          f"{totals['xla_fwd_ms'] / totals['onednn_fwd_ms']:5.2f}   {totals['xla_fwd_bwd_ms']:8.2f} "
+          f"{totals['onednn_fwd_bwd_ms']:8.2f} {totals['xla_fwd_bwd_ms'] / totals['onednn_fwd_bwd_ms']:5.2f}")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
+          f"{time.perf_counter() - begin:.0f} s")
+
+    record = {
+        "command": "python -m experiments.onednn_conv_bench",
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "rows": rows,
+        "network_total_unfused": totals,
+        "jax": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
+        "onednn": onednn_conv.build_info(),
+        "onednn_layout": onednn_conv.DEFAULT_LAYOUT,
+        "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
+        "cpu_count": os.cpu_count(),
+        "threads_available": len(os.sched_getaffinity(0)),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "seconds": time.perf_counter() - begin,
+    }
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
