@@ -12,10 +12,12 @@ medians over rounds:
 - `fermsca train step`: `train.Trainer.train_step` as training runs it (on-device augmentation,
   cosine loss eq. 4, Adam, the non-finite guard, metrics);
 - `fermsca model step`: forward, cosine loss, backward and Adam only, the work PyTorch does;
+- the same two with `config.model.conv_impl = "onednn"` where `fermsca.onednn_conv` is available;
 - `pytorch eager NCHW` and `pytorch eager channels_last`: forward, cosine loss, backward and
   `torch.optim.Adam` (eps 1e-7) on the same batch, with `torch.set_num_threads(os.cpu_count())`.
 
-FLOPs come from XLA's cost analysis of the compiled model step. Writes
+FLOPs come from XLA's cost analysis of the compiled model step. Like `python -m fermsca.main`, the
+script restarts itself with huge-page malloc (`fermsca.hostenv`), which serves PyTorch too. Writes
 experiments/results/bench/compare_pytorch.json.
 """
 
@@ -181,6 +183,22 @@ def check_equivalence(model, variables, torch_model, images: np.ndarray) -> dict
     return out
 
 
+def onednn_available() -> bool:
+    from fermsca import onednn_conv
+
+    return onednn_conv.available()
+
+
+def _stepper(compiled, state, *args):
+    """A no-argument function running one step of `compiled` (state donated and carried along)."""
+    holder = [jax.tree.map(jnp.copy, state)]
+
+    def step():
+        holder[0], _ = compiled(holder[0], *args)
+        jax.block_until_ready(holder[0])
+    return step
+
+
 def _time(fn, seconds: float) -> float:
     """Steps per second of `fn()` (which must block until its step is done) over `seconds`."""
     steps, start = 0, time.perf_counter()
@@ -223,24 +241,23 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
             1.0, equivalence["logit_scale"]):
         raise SystemExit("the PyTorch copy does not reproduce fermsca's logits")
 
-    # fermsca: the real train step, and the model-only step.
-    batch = train._global_batch({"image": raw, "target": targets}, trainer.batch_sharding)
-    key = jax.random.fold_in(trainer.rng, 2)
-    train_step = trainer.train_step.lower(state, batch, key).compile()
-    model_step = jax.jit(functools.partial(bench.model_step, model=model, tx=trainer.tx),
-                         donate_argnums=(0,))
+    # fermsca: the real train step and the model-only step, for each available convolution path.
     x, y = jnp.asarray(images), jnp.asarray(targets)
-    model_step = model_step.lower(state, x, y).compile()
-    model_step_flops = bench._cost_flops(model_step)
-    holder = {"train": jax.tree.map(jnp.copy, state), "model": jax.tree.map(jnp.copy, state)}
-
-    def fermsca_train():
-        holder["train"], m = train_step(holder["train"], batch, key)
-        jax.block_until_ready(holder["train"])
-
-    def fermsca_model():
-        holder["model"], loss = model_step(holder["model"], x, y)
-        jax.block_until_ready(holder["model"])
+    fermsca_steps, model_step_flops = {}, None
+    conv_impls = ["xla"] + (["onednn"] if onednn_available() else [])
+    for conv_impl in conv_impls:
+        config.model.conv_impl = conv_impl
+        t = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=train.make_mesh())
+        batch = train._global_batch({"image": raw, "target": targets}, t.batch_sharding)
+        key = jax.random.fold_in(t.rng, 2)
+        compiled_train = t.train_step.lower(state, batch, key).compile()
+        compiled_model = jax.jit(functools.partial(bench.model_step, model=t.model, tx=t.tx),
+                                 donate_argnums=(0,)).lower(state, x, y).compile()
+        if conv_impl == "xla":
+            model_step_flops = bench._cost_flops(compiled_model)
+        suffix = "" if conv_impl == "xla" else f" ({conv_impl} conv)"
+        fermsca_steps[f"fermsca train step{suffix}"] = _stepper(compiled_train, state, batch, key)
+        fermsca_steps[f"fermsca model step{suffix}"] = _stepper(compiled_model, state, x, y)
 
     def torch_stepper(channels_last: bool):
         net = build_torch_model(model)
@@ -261,8 +278,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         return step
 
     variants = {
-        "fermsca train step": fermsca_train,
-        "fermsca model step": fermsca_model,
+        **fermsca_steps,
         "pytorch eager NCHW": torch_stepper(False),
         "pytorch eager channels_last": torch_stepper(True),
     }
@@ -287,12 +303,14 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "rounds": rounds,
         "images_per_second_median": img_s,
         "images_per_second_per_round": per_round,
-        "ratio_train_step_to_best_pytorch": img_s["fermsca train step"] / best_torch,
-        "ratio_model_step_to_best_pytorch": img_s["fermsca model step"] / best_torch,
-        "ratio_model_step_to_channels_last": img_s["fermsca model step"]
-        / img_s["pytorch eager channels_last"],
+        # Each fermsca variant against the faster PyTorch layout, and its FLOP rate (the FLOPs of
+        # the XLA model step, the same mathematics on either convolution path).
+        "ratio_to_best_pytorch": {name: v / best_torch for name, v in img_s.items()
+                                  if name.startswith("fermsca")},
+        "best_pytorch": "pytorch eager NCHW" if img_s["pytorch eager NCHW"] == best_torch
+        else "pytorch eager channels_last",
         "model_step_gflop_per_image": gflop,
-        "model_step_achieved_gflops": gflop * img_s["fermsca model step"] if gflop else None,
+        "achieved_gflops": {name: gflop * v for name, v in img_s.items()} if gflop else None,
         "matmul_gflops": matmul,
         "parameters": n_flax,
         "equivalence": equivalence,
@@ -304,8 +322,8 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
                  "cpu": _cpu_model()},
     }
-    if record["model_step_achieved_gflops"]:
-        record["model_step_fraction_of_matmul"] = record["model_step_achieved_gflops"] / matmul
+    if gflop:
+        record["fraction_of_matmul"] = {name: v / matmul for name, v in record["achieved_gflops"].items()}
     return record
 
 
@@ -342,12 +360,11 @@ def main() -> None:
     record = run(args.batch_size, args.seconds, args.rounds, args.threads)
     for name, value in record["images_per_second_median"].items():
         print(f"{name:30s} {value:7.1f} img/s")
-    print(f"fermsca train step / best PyTorch eager: {record['ratio_train_step_to_best_pytorch']:.2f}x; "
-          f"model step / best: {record['ratio_model_step_to_best_pytorch']:.2f}x")
-    if record.get("model_step_fraction_of_matmul"):
-        print(f"model step {record['model_step_achieved_gflops']:.1f} GFLOP/s = "
-              f"{100 * record['model_step_fraction_of_matmul']:.0f}% of large-matmul "
-              f"{record['matmul_gflops']:.1f} GFLOP/s")
+    for name, ratio in record["ratio_to_best_pytorch"].items():
+        share = record.get("fraction_of_matmul", {}).get(name)
+        matmul = (f", {100 * share:.0f}% of large-matmul {record['matmul_gflops']:.0f} GFLOP/s"
+                  if share else "")
+        print(f"{name:30s} {ratio:.2f}x {record['best_pytorch']}{matmul}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(record, f, indent=2)

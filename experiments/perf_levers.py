@@ -4,18 +4,21 @@ Each variant runs `fermsca.bench.benchmark` (paper configuration, batch 128, the
 compilation) in its own process, so variants share no compiled code or caches; the variants are run in
 `--rounds` interleaved rounds and the table gives the median img/s. None changes the model's
 mathematics (results agree to float32 rounding; tests/test_models.py and tests/test_onednn_conv.py pin
-that). Cumulative, from the plain Flax/XLA version to the default:
+that). Cumulative, from a plain Flax/XLA version to everything on:
 
-- `flax_max_pool`: `nn.max_pool` (XLA select-and-scatter gradient), projection unfused;
-- `fermsca_pools`: `models.max_pool_2x2` (reshape + max) and `models.max_pool_3x3_same` (separable
+- `baseline`: `nn.max_pool` (XLA select-and-scatter gradient), `nn.BatchNorm`, the residual
+  projection as its own convolution, glibc's default malloc;
+- `fermsca_pools`: + `models.max_pool_2x2` (reshape + max) and `models.max_pool_3x3_same` (separable
   shifted maxima);
-- `fused_projection`: + the residual projection and the 1x1 branch as one convolution;
-- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`); this is what
+- `fused_projection`: + the projection and the 1x1 branch as one convolution;
+- `fermsca_batchnorm`: + `models.BatchNorm` (normalisation as one multiply-add per element);
+- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`). This is what
   `python -m fermsca.main` runs by default;
 - `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`, optional).
 
-Ablations of the default (`hugepage_malloc`): `no_donation` (state buffers not donated to the step)
-and `bfloat16` (compute in bfloat16, parameters float32).
+Ablations: `onednn_unfused` (`onednn_conv` without the fused projection), `no_donation` (the default
+without donating the state's buffers to the step) and `bfloat16` (the default computing in bfloat16,
+parameters float32).
 """
 
 import argparse
@@ -27,10 +30,21 @@ import sys
 
 from fermsca import hostenv
 
-VARIANTS = ("flax_max_pool", "fermsca_pools", "fused_projection", "hugepage_malloc", "onednn_conv",
-            "no_donation", "bfloat16")
-WITHOUT_HUGEPAGES = ("flax_max_pool", "fermsca_pools", "fused_projection")
+CUMULATIVE = ("baseline", "fermsca_pools", "fused_projection", "fermsca_batchnorm", "hugepage_malloc",
+              "onednn_conv")
+ABLATIONS = {  # variant: (levers on, config changes)
+    "onednn_unfused": (("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv"), {}),
+    "no_donation": (CUMULATIVE[1:5] + ("no_donation",), {}),
+    "bfloat16": (CUMULATIVE[1:5], {"dtype": "bfloat16"}),
+}
+VARIANTS = CUMULATIVE + tuple(ABLATIONS)
 OUTPUT = "experiments/results/bench/perf_levers.json"
+
+
+def levers_of(variant: str) -> tuple[tuple[str, ...], dict]:
+    if variant in CUMULATIVE:
+        return CUMULATIVE[1:CUMULATIVE.index(variant) + 1], {}
+    return ABLATIONS[variant]
 
 
 def _worker(variant: str, seconds: float) -> dict:
@@ -40,17 +54,18 @@ def _worker(variant: str, seconds: float) -> dict:
     from configs import ferplus
     from fermsca import bench, models
 
+    levers, model_changes = levers_of(variant)
     config = ferplus.get_config()
-    if variant in ("flax_max_pool", "fermsca_pools"):
-        config.model.fuse_projection = False
-    if variant == "flax_max_pool":
+    config.model.update(model_changes)
+    config.model.fuse_projection = "fused_projection" in levers
+    if "fermsca_pools" not in levers:
         models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
         models.max_pool_3x3_same = lambda x: nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
-    if variant == "onednn_conv":
+    if "fermsca_batchnorm" not in levers:
+        models.BatchNorm = nn.BatchNorm
+    if "onednn_conv" in levers:
         config.model.conv_impl = "onednn"
-    if variant == "bfloat16":
-        config.model.dtype = "bfloat16"
-    if variant == "no_donation":
+    if "no_donation" in levers:
         jit = jax.jit
 
         def jit_without_donation(fn, **kwargs):
@@ -59,6 +74,7 @@ def _worker(variant: str, seconds: float) -> dict:
         jax.jit = jit_without_donation  # this worker process only: no step donates its inputs
     record = bench.benchmark(config, 128, seconds)
     record["variant"] = variant
+    record["levers"] = list(levers)
     return record
 
 
@@ -77,7 +93,7 @@ def main() -> None:
     for r in range(args.rounds):
         for variant in args.variants:
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-            if variant not in WITHOUT_HUGEPAGES:
+            if "hugepage_malloc" in levers_of(variant)[0]:
                 env["GLIBC_TUNABLES"] = hostenv.TUNABLE
             out = subprocess.run([sys.executable, "-m", "experiments.perf_levers", "--worker", variant,
                                   f"--seconds={args.seconds}"], capture_output=True, text=True, env=env)
@@ -94,8 +110,8 @@ def main() -> None:
                       "per_round": ok})
     base = {row["variant"]: row["median_images_per_second"] for row in table}
     for row in table:
-        if row["median_images_per_second"] and base.get("flax_max_pool"):
-            row["speedup_vs_flax_max_pool"] = row["median_images_per_second"] / base["flax_max_pool"]
+        if row["median_images_per_second"] and base.get("baseline"):
+            row["speedup_vs_baseline"] = row["median_images_per_second"] / base["baseline"]
         print(f"{row['variant']:18s} {row['median_images_per_second'] or float('nan'):7.1f} img/s")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:

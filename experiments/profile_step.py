@@ -68,14 +68,18 @@ def classify(line: str, computations: dict) -> str:
     op_name = (_OP_NAME.search(line) or _OP_NAME.search(" ".join(body)) or [None, ""])[1]
     backward = "transpose(" in op_name
     convs = [b for b in body if " convolution(" in b]
-    if convs or "custom-call" in line and "conv" in line:
-        window = _WINDOW.search(convs[0]) if convs else None
+    if "onednn_conv_fwd" in line:
+        return "conv forward"
+    if "onednn_conv_bwd_data" in line:
+        return "conv input gradient"
+    if "onednn_conv_bwd_weights" in line:
+        return "conv weight gradient"
+    if convs:
+        window = _WINDOW.search(convs[0])
         if not backward:
             return "conv forward"
         if window and int(window.group(1)) > 5:  # the window spans the image: a weight gradient
             return "conv weight gradient"
-        if not convs:
-            return "conv backward (custom call)"
         return "conv input gradient"
     if any(" dot(" in b for b in body):
         return "dense (matmul)"

@@ -68,6 +68,42 @@ def max_pool_3x3_same(x: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.maximum(cols[0], cols[1]), cols[2])
 
 
+class BatchNorm(nn.Module):
+    """`nn.BatchNorm(momentum, epsilon)` over [B, H, W] of NHWC input, as one multiply-add per element.
+
+    Same variables (params scale/bias, batch_stats mean/var), initialisers, statistics (float32,
+    var = E[x^2] - E[x]^2 clipped at 0, as Flax's fast variance), running averages and output dtype;
+    the normalisation (x - mean) * scale / sqrt(var + eps) + bias is computed as x * a + b with
+    per-channel a = scale / sqrt(var + eps), b = bias - mean * a, whose gradient XLA fuses into fewer
+    passes over the activations (experiments/results/bench/perf_levers.json).
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=(0, 1, 2)) - mean * mean)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        a = scale * jax.lax.rsqrt(var + self.epsilon)
+        b = bias - mean * a
+        return (x * a + b).astype(self.dtype)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation channel attention, eqs. (1)-(3), reduction r = 8.
 
@@ -148,7 +184,7 @@ class ConvUnit(nn.Module):
             if bias is not None:
                 x = x + bias.astype(x.dtype)
         if self.use_bn:
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+            x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                              name="bn")(x)
         x = nn.relu(x)
         if self.use_se:
@@ -225,11 +261,11 @@ class ResidualBlock(nn.Module):
             y = multiscale(x, train)
             shortcut = conv(self.features, (1, 1), name="proj_conv")(x) if project else x
         y = conv(self.features, (3, 3), padding="SAME", name="conv")(y)
-        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+        y = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                          name="bn")(y)
         y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="se")(y)
         if project:
-            shortcut = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+            shortcut = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                     name="proj_bn")(shortcut)
         return nn.relu(shortcut + y)
 
@@ -258,7 +294,7 @@ class FERNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.Conv(self.stem_width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                     conv_general_dilated=conv_function(self.conv_impl), name="stem_conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+        x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                          name="stem_bn")(x)
         x = nn.relu(x)
         x = max_pool_2x2(x)  # [B, 24, 24, stem]
