@@ -10,10 +10,11 @@ that). Cumulative, from a plain Flax/XLA version to everything on:
   projection as its own convolution, glibc's default malloc;
 - `fermsca_pools`: + `models.max_pool_2x2` (reshape + max) and `models.max_pool_3x3_same` (separable
   shifted maxima);
-- `fused_projection`: + the projection and the 1x1 branch as one convolution;
+- `fused_projection`: + the projection and the 1x1 branch as one convolution (measured slower, so
+  off in the default config: `config.model.fuse_projection`);
 - `fermsca_batchnorm`: + `models.BatchNorm` (normalisation as one multiply-add per element);
-- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`). This is what
-  `python -m fermsca.main` runs by default;
+- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`). With the
+  projection unfused, this is what `python -m fermsca.main` runs by default;
 - `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`, optional).
 
 Ablations: `onednn_unfused` (`onednn_conv` without the fused projection), `no_donation` (the default
@@ -78,6 +79,38 @@ def _worker(variant: str, seconds: float) -> dict:
     return record
 
 
+NOTES = {
+    "baseline": "plain Flax/XLA: nn.max_pool, nn.BatchNorm, glibc malloc",
+    "fermsca_pools": "max-pooling as reshape-max and separable shifted maxima",
+    "fused_projection": "1x1 branch + projection as one convolution",
+    "fermsca_batchnorm": "BatchNorm as x * a + b",
+    "hugepage_malloc": "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
+    "onednn_conv": "convolutions through the oneDNN custom call",
+    "onednn_unfused": "onednn_conv without the fused projection",
+    "no_donation": "default, state buffers not donated",
+    "bfloat16": "default, bfloat16 compute",
+}
+
+
+def markdown(record: dict) -> str:
+    """The lever table: median img/s, step-to-step ratio along the cumulative chain, vs baseline."""
+    rows = {row["variant"]: row for row in record["table"]}
+    lines = ["| variant | what changes | img/s (median) | vs previous | vs baseline |",
+             "|---|---|---:|---:|---:|"]
+    previous = None
+    for variant, row in rows.items():
+        v = row["median_images_per_second"]
+        if variant in CUMULATIVE:
+            step = f"{v / previous:.2f}x" if previous else "-"
+            previous = v
+        else:
+            step = "(ablation)"
+        base = rows.get("baseline", {}).get("median_images_per_second")
+        lines.append(f"| `{variant}` | {NOTES.get(variant, '')} | {v:.1f} | {step} | "
+                     f"{v / base:.2f}x |" if v and base else f"| `{variant}` | failed | | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -85,7 +118,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--output", default=OUTPUT)
     parser.add_argument("--worker", choices=VARIANTS)
+    parser.add_argument("--table_only", action="store_true", help="print the table of --output")
     args = parser.parse_args()
+    if args.table_only:
+        with open(args.output) as f:
+            print(markdown(json.load(f)))
+        return
     if args.worker:
         print(json.dumps(_worker(args.worker, args.seconds)))
         return
@@ -113,10 +151,12 @@ def main() -> None:
         if row["median_images_per_second"] and base.get("baseline"):
             row["speedup_vs_baseline"] = row["median_images_per_second"] / base["baseline"]
         print(f"{row['variant']:18s} {row['median_images_per_second'] or float('nan'):7.1f} img/s")
+    record = {"command": "python -m experiments.perf_levers", "rounds": args.rounds,
+              "seconds": args.seconds, "table": table, "records": runs}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"command": "python -m experiments.perf_levers", "rounds": args.rounds,
-                   "seconds": args.seconds, "table": table, "records": runs}, f, indent=2)
+        json.dump(record, f, indent=2)
+    print(markdown(record))
 
 
 if __name__ == "__main__":

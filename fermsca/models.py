@@ -236,7 +236,8 @@ class ResidualBlock(nn.Module):
     `use_bn` / `use_se` apply to the multiscale module (the Table 3 ablation); the block's own conv + BN
     and SE are part of the residual structure and always present. `fuse_projection` computes the
     projection and the multiscale 1x1 branch, both 1x1 convolutions of x, as one convolution (same
-    parameters and mathematics; faster on XLA's CPU backend, experiments/results/bench).
+    parameters and mathematics). Off by default: 1.6x faster for the pair alone, but no faster in
+    the whole step (experiments/results/bench/perf_levers.json).
     """
 
     features: int
@@ -245,7 +246,7 @@ class ResidualBlock(nn.Module):
     se_reduction: int = 8
     dtype: Dtype = jnp.float32
     conv_impl: str = "xla"
-    fuse_projection: bool = True
+    fuse_projection: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -287,7 +288,7 @@ class FERNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     conv_impl: str = "xla"  # "xla" | "onednn" (CPU custom call, same mathematics)
-    fuse_projection: bool = True  # see ResidualBlock
+    fuse_projection: bool = False  # see ResidualBlock
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, 48, 48, 1]
@@ -327,7 +328,7 @@ def from_config(config: Any, num_classes: int) -> FERNet:
         dropout_rate=config.get("dropout_rate", 0.0),
         dtype=dtypes[config.dtype],
         conv_impl=config.get("conv_impl", "xla"),
-        fuse_projection=config.get("fuse_projection", True),
+        fuse_projection=config.get("fuse_projection", False),
     )
 
 

@@ -394,9 +394,9 @@ def test_batchnorm_matches_flax(dtype):
 
 
 def test_from_config_compute_switches():
-    model = models.from_config(model_config(conv_impl="xla", fuse_projection=False), 8)
-    assert (model.conv_impl, model.fuse_projection) == ("xla", False)
-    assert models.from_config(model_config(), 8).fuse_projection  # absent fields: the defaults
+    model = models.from_config(model_config(conv_impl="xla", fuse_projection=True), 8)
+    assert (model.conv_impl, model.fuse_projection) == ("xla", True)
+    assert not models.from_config(model_config(), 8).fuse_projection  # absent fields: the defaults
     bad = models.from_config(model_config(conv_impl="cudnn", dtype="float32"), 8)
     with pytest.raises(ValueError, match="conv_impl='cudnn'"):
         bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))

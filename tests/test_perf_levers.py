@@ -1,0 +1,31 @@
+"""The lever table's bookkeeping: which levers each variant turns on, and the ratios it prints."""
+
+from experiments import perf_levers
+
+
+def test_cumulative_variants_add_one_lever_each():
+    previous = ()
+    for variant in perf_levers.CUMULATIVE:
+        levers, changes = perf_levers.levers_of(variant)
+        assert changes == {}
+        assert levers[:len(previous)] == previous and len(levers) == len(previous) + (variant != "baseline")
+        previous = levers
+    assert perf_levers.levers_of("baseline")[0] == ()
+    assert "fused_projection" not in perf_levers.levers_of("onednn_unfused")[0]
+    assert perf_levers.levers_of("bfloat16")[1] == {"dtype": "bfloat16"}
+    assert set(perf_levers.NOTES) == set(perf_levers.VARIANTS)
+
+
+def test_markdown_ratios():
+    record = {"table": [
+        {"variant": "baseline", "median_images_per_second": 100.0},
+        {"variant": "fermsca_pools", "median_images_per_second": 150.0},
+        {"variant": "fused_projection", "median_images_per_second": 120.0},
+        {"variant": "no_donation", "median_images_per_second": 140.0},
+        {"variant": "bfloat16", "median_images_per_second": None},
+    ]}
+    lines = perf_levers.markdown(record).splitlines()
+    assert "| 150.0 | 1.50x | 1.50x |" in lines[3]
+    assert "| 120.0 | 0.80x | 1.20x |" in lines[4]
+    assert "| 140.0 | (ablation) | 1.40x |" in lines[5]
+    assert "failed" in lines[6]
