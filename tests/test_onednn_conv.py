@@ -185,6 +185,33 @@ def test_flax_conv_jit_grad():
 
 
 @needs_onednn
+@pytest.mark.parametrize("fuse_projection", [False, True])
+def test_fernet_train_step_matches_xla(fuse_projection):
+    """models.FERNet(conv_impl="onednn"): the same loss, gradients and BatchNorm statistics as XLA's."""
+    from fermsca import models
+
+    kwargs = dict(num_classes=8, stem_width=8, widths=(8, 16, 32), fuse_projection=fuse_projection)
+    fast, ref = models.FERNet(**kwargs, conv_impl="onednn"), models.FERNet(**kwargs)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 48, 48, 1)), jnp.float32)
+    variables = ref.init(jax.random.key(2), x)
+    assert "fermsca_onednn_conv_fwd" in _lowered(lambda v, x: fast.apply(v, x), variables, x)
+
+    def step(module):
+        def loss(params):
+            out, updates = module.apply({**variables, "params": params}, x, train=True,
+                                        mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(out)), updates
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    (l_fast, s_fast), g_fast = step(fast)
+    (l_ref, s_ref), g_ref = step(ref)
+    _assert_close(l_fast, l_ref, "loss")
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_ref))
+    for a, b in zip(jax.tree.leaves((g_fast, s_fast)), jax.tree.leaves((g_ref, s_ref)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4 * max(scale, float(jnp.abs(b).max())))
+
+
+@needs_onednn
 def test_primitives_are_cached_and_thread_safe():
     x, w = _operands(3, (2, 9, 9, 6), (3, 3, 6, 5))
     fn = jax.jit(lambda x, w: onednn_conv.conv(x, w))
