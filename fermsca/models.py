@@ -185,7 +185,7 @@ class ConvUnit(nn.Module):
                 x = x + bias.astype(x.dtype)
         if self.use_bn:
             x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                             name="bn")(x)
+                          name="bn")(x)
         x = nn.relu(x)
         if self.use_se:
             x = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="se")(x)
@@ -263,11 +263,11 @@ class ResidualBlock(nn.Module):
             shortcut = conv(self.features, (1, 1), name="proj_conv")(x) if project else x
         y = conv(self.features, (3, 3), padding="SAME", name="conv")(y)
         y = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                         name="bn")(y)
+                      name="bn")(y)
         y = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="se")(y)
         if project:
             shortcut = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                                    name="proj_bn")(shortcut)
+                                 name="proj_bn")(shortcut)
         return nn.relu(shortcut + y)
 
 
@@ -296,7 +296,7 @@ class FERNet(nn.Module):
         x = nn.Conv(self.stem_width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
                     conv_general_dilated=conv_function(self.conv_impl), name="stem_conv")(x)
         x = BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
-                         name="stem_bn")(x)
+                      name="stem_bn")(x)
         x = nn.relu(x)
         x = max_pool_2x2(x)  # [B, 24, 24, stem]
         x = SqueezeExcite(self.se_reduction, dtype=self.dtype, name="stem_se")(x)
