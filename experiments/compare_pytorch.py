@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -222,10 +221,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
     state = trainer.init_state()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, batch_size)
-    targets = np.eye(num_classes, dtype=np.float32)[labels]
+    raw, targets = bench.random_batch(batch_size, num_classes)
     images = np.asarray(augment.preprocess(raw))  # standardised, as the model sees them
 
     torch_model = build_torch_model(model)
@@ -247,7 +243,8 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
     conv_impls = ["xla"] + (["onednn"] if onednn_available() else [])
     for conv_impl in conv_impls:
         config.model.conv_impl = conv_impl
-        t = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=train.make_mesh())
+        t = trainer if conv_impl == "xla" else train.Trainer(config, num_classes, steps_per_epoch=1000,
+                                                              mesh=train.make_mesh())
         batch = train._global_batch({"image": raw, "target": targets}, t.batch_sharding)
         key = jax.random.fold_in(t.rng, 2)
         compiled_train = t.train_step.lower(state, batch, key).compile()
@@ -320,7 +317,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__,
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "cpu": _cpu_model()},
+                 "cpu": bench.cpu_model()},
     }
     if gflop:
         record["fraction_of_matmul"] = {name: v / matmul for name, v in record["achieved_gflops"].items()}
@@ -336,17 +333,6 @@ def _torch_profile(step, steps: int = 3) -> dict:
             step()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {e.key: e.self_cpu_time_total / 1e3 / steps for e in rows[:15]}
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def main() -> None:
@@ -365,9 +351,7 @@ def main() -> None:
         matmul = (f", {100 * share:.0f}% of large-matmul {record['matmul_gflops']:.0f} GFLOP/s"
                   if share else "")
         print(f"{name:30s} {ratio:.2f}x {record['best_pytorch']}{matmul}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(record, f, indent=2)
+    bench.write_json(args.output, record)
 
 
 if __name__ == "__main__":

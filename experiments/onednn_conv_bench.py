@@ -14,7 +14,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fermsca import onednn_conv
+from fermsca import bench, onednn_conv
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "bench" / "onednn_conv.json"
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -52,16 +51,6 @@ FUSED_SHAPES = [
     ("b2 1x1 64->160 @12 (fused)", 12, 64, 160, 1, 0),
     ("b3 1x1 128->320 @6 (fused)", 6, 128, 320, 1, 0),
 ]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cpu_isa() -> list[str]:
@@ -139,7 +128,7 @@ def main() -> None:
               f"{'xla f+b':>8s} {'dnnl f+b':>8s} {'x':>5s}")
     info = onednn_conv.build_info()
     print(f"batch {args.batch}, ms (median of {args.rounds} rounds x {args.iters} calls); oneDNN "
-          f"{info['onednn_version']} ({info['onednn_cpu_runtime']}), {_cpu_model()}")
+          f"{info['onednn_version']} ({info['onednn_cpu_runtime']}), {bench.cpu_model()}")
     print(header)
     for name, hw, cin, cout, k, count in shapes:
         row = dict(name=name, hw=hw, c_in=cin, c_out=cout, kernel=k, count_in_network=count,
@@ -169,7 +158,7 @@ def main() -> None:
         "jaxlib": importlib.metadata.version("jaxlib"),
         "onednn": onednn_conv.build_info(),
         "onednn_layout": onednn_conv.DEFAULT_LAYOUT,
-        "cpu_model": _cpu_model(),
+        "cpu_model": bench.cpu_model(),
         "cpu_isa": _cpu_isa(),
         "cpu_count": os.cpu_count(),
         "threads_available": len(os.sched_getaffinity(0)),

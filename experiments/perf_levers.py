@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 
-from fermsca import hostenv
+from fermsca import bench, hostenv
 
 CUMULATIVE = ("baseline", "fermsca_pools", "fused_projection", "fermsca_batchnorm", "hugepage_malloc",
               "onednn_conv")
@@ -153,9 +153,7 @@ def main() -> None:
         print(f"{row['variant']:18s} {row['median_images_per_second'] or float('nan'):7.1f} img/s")
     record = {"command": "python -m experiments.perf_levers", "rounds": args.rounds,
               "seconds": args.seconds, "table": table, "records": runs}
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(record, f, indent=2)
+    bench.write_json(args.output, record)
     print(markdown(record))
 
 

@@ -30,9 +30,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fermsca import hostenv
+from fermsca import bench, hostenv
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
@@ -129,7 +128,7 @@ def trace_events(trace_dir: str) -> list[dict]:
 def build_step(step: str, batch_size: int, conv_impl: str | None):
     """(compiled step, state, args) for the paper configuration."""
     from configs import ferplus
-    from fermsca import augment, bench, train
+    from fermsca import augment, train
 
     config = ferplus.get_config()
     config.batch_size = batch_size
@@ -137,9 +136,7 @@ def build_step(step: str, batch_size: int, conv_impl: str | None):
         config.model.conv_impl = conv_impl
     trainer = train.Trainer(config, 8, steps_per_epoch=1000, mesh=train.make_mesh())
     state = trainer.init_state()
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8)
-    targets = np.eye(8, dtype=np.float32)[rng.integers(0, 8, batch_size)]
+    raw, targets = bench.random_batch(batch_size, 8)
     if step == "train":
         args = (train._global_batch({"image": raw, "target": targets}, trainer.batch_sharding),
                 jax.random.fold_in(trainer.rng, 2))
@@ -224,9 +221,7 @@ def main() -> None:
     print(markdown(record))
     output = args.output or (f"experiments/results/bench/profile_{args.step}"
                              + (f"_{args.conv_impl}" if args.conv_impl else "") + ".json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(record, f, indent=2)
+    bench.write_json(output, record)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,33 @@ def matmul_gflops(n: int = 2048, seconds: float = 3.0, dtype=jnp.float32) -> flo
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
+def random_batch(batch_size: int, num_classes: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [B, 48, 48, 1] of uniform noise and one-hot float32 targets [B, K]: benchmark input."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8)
+    targets = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch_size)]
+    return images, targets
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what `platform` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json(path: str, record: dict) -> None:
+    """Writes a benchmark record, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def _cost_flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
@@ -68,9 +95,7 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
     train.check_batch_size("batch_size", batch_size)
     trainer = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=mesh)
     state = trainer.init_state()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8)
-    targets = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch_size)]
+    images, targets = random_batch(batch_size, num_classes)
     batch = train._global_batch({"image": images, "target": targets}, trainer.batch_sharding)
     key = jax.random.fold_in(trainer.rng, 2)
 
@@ -145,9 +170,7 @@ def main() -> None:
                      f"{record['matmul_gflops']:.1f} GFLOP/s)")
         print(line)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(args.output, record)
 
 
 if __name__ == "__main__":
