@@ -70,10 +70,14 @@ def create_schedule(config: Any, steps_per_epoch: int, num_epochs: int) -> optax
 
 
 def create_optimizer(
-    config: Any, steps_per_epoch: int, num_epochs: int
+    config: Any, steps_per_epoch: int, num_epochs: int, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
-    """Adam with the configured schedule (the paper), optionally decoupled weight decay and clipping."""
-    schedule = create_schedule(config, steps_per_epoch, num_epochs)
+    """Adam with the configured schedule (the paper), optionally decoupled weight decay and clipping.
+
+    `schedule`: the learning-rate schedule when the caller already built it with `create_schedule`.
+    """
+    if schedule is None:
+        schedule = create_schedule(config, steps_per_epoch, num_epochs)
     parts = []
     if config.get("grad_clip_norm"):
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))

@@ -154,9 +154,10 @@ class Trainer:
         self.num_classes = num_classes
         self.mesh = mesh
         self.model = models.from_config(config.model, num_classes)
-        self.tx = schedules.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
         self.schedule = schedules.create_schedule(config.optimizer, steps_per_epoch,
                                                   config.num_epochs)
+        self.tx = schedules.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs,
+                                             schedule=self.schedule)
         self.loss_fn = losses.get(config.loss)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
