@@ -13,13 +13,16 @@ that). Cumulative, from a plain Flax/XLA version to everything on:
 - `fused_projection`: + the projection and the 1x1 branch as one convolution (measured slower, so
   off in the default config: `config.model.fuse_projection`);
 - `fermsca_batchnorm`: + `models.BatchNorm` (normalisation as one multiply-add per element);
-- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`). With the
-  projection unfused, this is what `python -m fermsca.main` runs by default;
-- `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`, optional).
+- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`);
+- `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`, optional);
+- `argmax_pools`: + `fermsca.pooling` (each pool records its window's argmax as int8 in the forward
+  pass and routes the gradient by it; the reshape-max and separable pools before it take their
+  gradient from JAX's rule for `max`: compare, count ties, divide).
 
-Ablations: `onednn_unfused` (`onednn_conv` without the fused projection), `no_donation` (the default
-without donating the state's buffers to the step) and `bfloat16` (the default computing in bfloat16,
-parameters float32).
+Ablations: `onednn_unfused` (everything but the fused projection: the fastest configuration),
+`xla_default` (what `python -m fermsca.main` runs by default: everything but the fused projection and
+oneDNN), `no_donation` (`xla_default` without donating the state's buffers to the step) and `bfloat16`
+(`xla_default` computing in bfloat16, parameters float32).
 """
 
 import argparse
@@ -32,11 +35,13 @@ import sys
 from fermsca import bench, hostenv
 
 CUMULATIVE = ("baseline", "fermsca_pools", "fused_projection", "fermsca_batchnorm", "hugepage_malloc",
-              "onednn_conv")
+              "onednn_conv", "argmax_pools")
+_DEFAULT = ("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools")
 ABLATIONS = {  # variant: (levers on, config changes)
-    "onednn_unfused": (("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv"), {}),
-    "no_donation": (CUMULATIVE[1:5] + ("no_donation",), {}),
-    "bfloat16": (CUMULATIVE[1:5], {"dtype": "bfloat16"}),
+    "onednn_unfused": (_DEFAULT + ("onednn_conv",), {}),
+    "xla_default": (_DEFAULT, {}),
+    "no_donation": (_DEFAULT + ("no_donation",), {}),
+    "bfloat16": (_DEFAULT, {"dtype": "bfloat16"}),
 }
 VARIANTS = CUMULATIVE + tuple(ABLATIONS)
 OUTPUT = "experiments/results/bench/perf_levers.json"
@@ -46,6 +51,28 @@ def levers_of(variant: str) -> tuple[tuple[str, ...], dict]:
     if variant in CUMULATIVE:
         return CUMULATIVE[1:CUMULATIVE.index(variant) + 1], {}
     return ABLATIONS[variant]
+
+
+def reshape_max_pool_2x2(x):
+    """The `fermsca_pools` 2x2 pool: a reshape and a `max` (JAX's gradient rule for `max`)."""
+    import jax
+
+    b, h, w, c = x.shape
+    x = jax.lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def separable_max_pool_3x3(x):
+    """The `fermsca_pools` 3x3 SAME pool: two separable 3-tap maxima of shifted views."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w = x.shape[1], x.shape[2]
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    rows = [jax.lax.slice_in_dim(p, i, i + h, axis=1) for i in range(3)]
+    rows = jnp.maximum(jnp.maximum(rows[0], rows[1]), rows[2])
+    cols = [jax.lax.slice_in_dim(rows, j, j + w, axis=2) for j in range(3)]
+    return jnp.maximum(jnp.maximum(cols[0], cols[1]), cols[2])
 
 
 def _worker(variant: str, seconds: float) -> dict:
@@ -62,6 +89,8 @@ def _worker(variant: str, seconds: float) -> dict:
     if "fermsca_pools" not in levers:
         models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
         models.max_pool_3x3_same = lambda x: nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
+    elif "argmax_pools" not in levers:
+        models.max_pool_2x2, models.max_pool_3x3_same = reshape_max_pool_2x2, separable_max_pool_3x3
     if "fermsca_batchnorm" not in levers:
         models.BatchNorm = nn.BatchNorm
     if "onednn_conv" in levers:
@@ -86,9 +115,11 @@ NOTES = {
     "fermsca_batchnorm": "BatchNorm as x * a + b",
     "hugepage_malloc": "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
     "onednn_conv": "convolutions through the oneDNN custom call",
-    "onednn_unfused": "onednn_conv without the fused projection",
-    "no_donation": "default, state buffers not donated",
-    "bfloat16": "default, bfloat16 compute",
+    "argmax_pools": "pool gradients routed by a stored int8 argmax",
+    "onednn_unfused": "argmax_pools without the fused projection",
+    "xla_default": "the default: onednn_unfused with XLA convolutions",
+    "no_donation": "xla_default, state buffers not donated",
+    "bfloat16": "xla_default, bfloat16 compute",
 }
 
 

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fermsca.pooling import max_pool_2x2, max_pool_3x3_same
+
 Dtype = Any
 CONV_IMPLS = ("xla", "onednn")
 
@@ -41,31 +43,6 @@ def conv_function(conv_impl: str):
             raise RuntimeError(f"conv_impl='onednn' is unavailable: {onednn_conv.unavailable_reason()}")
         return onednn_conv.conv_general_dilated
     raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max-pooling, stride 2, VALID: `nn.max_pool(x, (2, 2), (2, 2))` as a reshape and a max.
-
-    Same values; its gradient is elementwise (XLA's CPU select-and-scatter is several times slower).
-    """
-    b, h, w, c = x.shape
-    x = jax.lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def max_pool_3x3_same(x: jax.Array) -> jax.Array:
-    """3x3 max-pooling, stride 1, SAME padding, as two separable 3-tap maxima of shifted views.
-
-    Equals `nn.max_pool(x, (3, 3), (1, 1), "SAME")`; the gradient is the same wherever the window
-    maximum is unique, and is shared among tied maxima instead of given to one of them.
-    """
-    h, w = x.shape[1], x.shape[2]
-    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    # lax slices (not NumPy indexing) stay static slices under a symbolic batch size (export).
-    rows = [jax.lax.slice_in_dim(p, i, i + h, axis=1) for i in range(3)]
-    rows = jnp.maximum(jnp.maximum(rows[0], rows[1]), rows[2])
-    cols = [jax.lax.slice_in_dim(rows, j, j + w, axis=2) for j in range(3)]
-    return jnp.maximum(jnp.maximum(cols[0], cols[1]), cols[2])
 
 
 class BatchNorm(nn.Module):

@@ -533,39 +533,3 @@ def test_fernet_overfits_a_small_random_set():
     assert acc == 1.0, f"train accuracy {acc:.3f} after {step} steps (loss {float(loss):.3f})"
     assert np.isfinite(float(loss))
     print(f"memorised after {step} steps in {elapsed:.1f} s")
-
-
-def test_fast_max_pools_match_flax_pooling_and_brute_force_gradient():
-    x = jax.random.normal(jax.random.key(3), (2, 6, 8, 3))
-    np.testing.assert_array_equal(
-        models.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2))
-    )
-    np.testing.assert_array_equal(
-        models.max_pool_3x3_same(x), nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
-    )
-    # Odd sizes: VALID 2x2 pooling drops the last row/column.
-    odd = jax.random.normal(jax.random.key(4), (1, 7, 5, 2))
-    np.testing.assert_array_equal(models.max_pool_2x2(odd), nn.max_pool(odd, (2, 2), strides=(2, 2)))
-    # Gradient of sum(pool(x)): each output window sends 1 to its (unique) argmax.
-    xn = np.asarray(x)
-    ref = np.zeros_like(xn)
-    b_, h, w, c = xn.shape
-    for n in range(b_):
-        for ch in range(c):
-            for i in range(h):
-                for j in range(w):
-                    win = [(u, v) for u in range(i - 1, i + 2) for v in range(j - 1, j + 2)
-                           if 0 <= u < h and 0 <= v < w]
-                    u, v = max(win, key=lambda p: xn[n, p[0], p[1], ch])
-                    ref[n, u, v, ch] += 1
-    grad = jax.grad(lambda x: models.max_pool_3x3_same(x).sum())(x)
-    np.testing.assert_array_equal(grad, ref)
-    ref2 = np.zeros_like(xn)
-    for n in range(b_):
-        for ch in range(c):
-            for i in range(h // 2):
-                for j in range(w // 2):
-                    block = xn[n, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, ch]
-                    u, v = np.unravel_index(np.argmax(block), (2, 2))
-                    ref2[n, 2 * i + u, 2 * j + v, ch] = 1
-    np.testing.assert_array_equal(jax.grad(lambda x: models.max_pool_2x2(x).sum())(x), ref2)

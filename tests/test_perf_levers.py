@@ -12,6 +12,9 @@ def test_cumulative_variants_add_one_lever_each():
         previous = levers
     assert perf_levers.levers_of("baseline")[0] == ()
     assert "fused_projection" not in perf_levers.levers_of("onednn_unfused")[0]
+    # xla_default is what the default config runs: every lever that is on by default.
+    assert set(perf_levers.levers_of("xla_default")[0]) == {
+        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools"}
     assert perf_levers.levers_of("bfloat16")[1] == {"dtype": "bfloat16"}
     assert set(perf_levers.NOTES) == set(perf_levers.VARIANTS)
 
@@ -29,3 +32,15 @@ def test_markdown_ratios():
     assert "| 120.0 | 0.80x | 1.20x |" in lines[4]
     assert "| 140.0 | (ablation) | 1.40x |" in lines[5]
     assert "failed" in lines[6]
+
+
+def test_earlier_pools_equal_flax_pooling():
+    """The `fermsca_pools` lever's pools compute what nn.max_pool computes (values)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    np.testing.assert_array_equal(perf_levers.reshape_max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+    np.testing.assert_array_equal(perf_levers.separable_max_pool_3x3(x),
+                                  nn.max_pool(x, (3, 3), (1, 1), "SAME"))
