@@ -3,9 +3,12 @@
 For each convolution of FERNet (batch 128, float32, NHWC / HWIO, stride 1 SAME) it times, jitted and
 after compilation, the forward pass and forward + backward (`value_and_grad` of <y, r> w.r.t. both the
 input and the kernel) on XLA's CPU convolution (`lax.conv_general_dilated`) and on the oneDNN custom
-calls (`fermsca.onednn_conv`). Each timing is the median over `--rounds` interleaved rounds of the
+calls (`fermsca.onednn_conv`), and, where PyTorch is installed, on PyTorch eager channels_last (the
+same oneDNN family: `torch.nn.functional.conv2d`, forward under `no_grad`, forward + backward for
+input and weight gradients). Each timing is the median over `--rounds` interleaved rounds of the
 median of `--iters` calls, so a load spike from another process hits both paths alike; the load
-average before and after is recorded. Prints a table and writes JSON to --output.
+average before and after is recorded. Prints a table and writes JSON to --output. Like the other
+benchmarks it restarts itself once with huge-page malloc (`fermsca.hostenv`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fermsca import bench, onednn_conv
+from fermsca import bench, hostenv, onednn_conv
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "bench" / "onednn_conv.json"
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -75,6 +78,39 @@ def _functions(conv):
     return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
+def _torch_functions(x: np.ndarray, w: np.ndarray, r: np.ndarray, k: int):
+    """PyTorch eager channels_last forward and forward + backward of the same convolution."""
+    import torch
+
+    def nchw(a):  # NHWC array -> NCHW-shaped tensor stored channels_last (the same bytes order)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).contiguous(
+            memory_format=torch.channels_last)
+
+    xt, rt = nchw(x), nchw(r)
+    wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))).contiguous(
+        memory_format=torch.channels_last)
+    xg, wg = xt.clone().requires_grad_(True), wt.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(xt, wt, padding=k // 2)
+
+    def fwd_bwd():
+        xg.grad = wg.grad = None
+        torch.nn.functional.conv2d(xg, wg, padding=k // 2).backward(rt)
+        return xg.grad, wg.grad
+
+    return fwd, fwd_bwd
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _median_ms(fn, args, iters: int) -> float:
     times = []
     for _ in range(iters):
@@ -91,15 +127,19 @@ def bench_shape(batch, hw, cin, cout, k, rounds, iters) -> dict:
     r = jnp.asarray(rng.standard_normal((batch, hw, hw, cout)), jnp.float32)
     paths = {"xla": _functions(lax.conv_general_dilated),
              "onednn": _functions(onednn_conv.conv_general_dilated)}
+    args = {"fwd": (x, w), "fwd_bwd": (x, w, r)}
+    if _torch_available():
+        torch_fwd, torch_fwd_bwd = _torch_functions(*(np.asarray(a) for a in (x, w, r)), k)
+        paths["pytorch"] = (lambda *_: (torch_fwd(), None)[1], lambda *_: (torch_fwd_bwd(), None)[1])
     runs = {(p, m): [] for p in paths for m in ("fwd", "fwd_bwd")}
     for fwd, fwd_bwd in paths.values():  # compile and warm up
         for _ in range(2):
-            jax.block_until_ready(fwd(x, w))
-            jax.block_until_ready(fwd_bwd(x, w, r))
+            jax.block_until_ready(fwd(*args["fwd"]))
+            jax.block_until_ready(fwd_bwd(*args["fwd_bwd"]))
     for _ in range(rounds):
         for p, (fwd, fwd_bwd) in paths.items():
-            runs[(p, "fwd")].append(_median_ms(fwd, (x, w), iters))
-            runs[(p, "fwd_bwd")].append(_median_ms(fwd_bwd, (x, w, r), iters))
+            runs[(p, "fwd")].append(_median_ms(fwd, args["fwd"], iters))
+            runs[(p, "fwd_bwd")].append(_median_ms(fwd_bwd, args["fwd_bwd"], iters))
     out = {f"{p}_{m}_ms": statistics.median(v) for (p, m), v in runs.items()}
     out["runs_ms"] = {f"{p}_{m}": v for (p, m), v in runs.items()}
     out["onednn_impl"] = {
@@ -124,8 +164,14 @@ def main() -> None:
     load_before = os.getloadavg()
     begin = time.perf_counter()
     rows = []
+    with_torch = _torch_available()
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
     header = (f"{'convolution':28s} {'xla fwd':>8s} {'dnnl fwd':>8s} {'x':>5s}   "
-              f"{'xla f+b':>8s} {'dnnl f+b':>8s} {'x':>5s}")
+              f"{'xla f+b':>8s} {'dnnl f+b':>8s} {'x':>5s}"
+              + (f"   {'torch fwd':>9s} {'torch f+b':>9s}" if with_torch else ""))
     info = onednn_conv.build_info()
     print(f"batch {args.batch}, ms (median of {args.rounds} rounds x {args.iters} calls); oneDNN "
           f"{info['onednn_version']} ({info['onednn_cpu_runtime']}), {bench.cpu_model()}")
@@ -136,13 +182,16 @@ def main() -> None:
         rows.append(row)
         print(f"{name:28s} {row['xla_fwd_ms']:8.2f} {row['onednn_fwd_ms']:8.2f} "
               f"{row['xla_fwd_ms'] / row['onednn_fwd_ms']:5.2f}   {row['xla_fwd_bwd_ms']:8.2f} "
-              f"{row['onednn_fwd_bwd_ms']:8.2f} {row['xla_fwd_bwd_ms'] / row['onednn_fwd_bwd_ms']:5.2f}",
+              f"{row['onednn_fwd_bwd_ms']:8.2f} {row['xla_fwd_bwd_ms'] / row['onednn_fwd_bwd_ms']:5.2f}"
+              + (f"   {row['pytorch_fwd_ms']:9.2f} {row['pytorch_fwd_bwd_ms']:9.2f}" if with_torch else ""),
               flush=True)
-    totals = {key: sum(r[key] * r["count_in_network"] for r in rows)
-              for key in ("xla_fwd_ms", "onednn_fwd_ms", "xla_fwd_bwd_ms", "onednn_fwd_bwd_ms")}
+    keys = ["xla_fwd_ms", "onednn_fwd_ms", "xla_fwd_bwd_ms", "onednn_fwd_bwd_ms"]
+    keys += ["pytorch_fwd_ms", "pytorch_fwd_bwd_ms"] if with_torch else []
+    totals = {key: sum(r[key] * r["count_in_network"] for r in rows) for key in keys}
     print(f"{'network total (unfused)':28s} {totals['xla_fwd_ms']:8.2f} {totals['onednn_fwd_ms']:8.2f} "
           f"{totals['xla_fwd_ms'] / totals['onednn_fwd_ms']:5.2f}   {totals['xla_fwd_bwd_ms']:8.2f} "
-          f"{totals['onednn_fwd_bwd_ms']:8.2f} {totals['xla_fwd_bwd_ms'] / totals['onednn_fwd_bwd_ms']:5.2f}")
+          f"{totals['onednn_fwd_bwd_ms']:8.2f} {totals['xla_fwd_bwd_ms'] / totals['onednn_fwd_bwd_ms']:5.2f}"
+          + (f"   {totals['pytorch_fwd_ms']:9.2f} {totals['pytorch_fwd_bwd_ms']:9.2f}" if with_torch else ""))
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
           f"{time.perf_counter() - begin:.0f} s")
@@ -158,6 +207,8 @@ def main() -> None:
         "jaxlib": importlib.metadata.version("jaxlib"),
         "onednn": onednn_conv.build_info(),
         "onednn_layout": onednn_conv.DEFAULT_LAYOUT,
+        "torch": importlib.metadata.version("torch") if with_torch else None,
+        "hugepage_malloc": hostenv.hugepage_malloc_active(),
         "cpu_model": bench.cpu_model(),
         "cpu_isa": _cpu_isa(),
         "cpu_count": os.cpu_count(),
@@ -175,4 +226,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostenv.ensure_hugepage_malloc()
     main()
