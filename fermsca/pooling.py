@@ -28,13 +28,19 @@ def _quadrants(x: jax.Array) -> list[jax.Array]:
     b, h, w, c = x.shape
     x = lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))  # VALID drops an odd row/column
     x = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    return [x[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)]
+    # lax.index_in_dim (static slices), not NumPy indexing, which becomes a gather under a symbolic
+    # batch size.
+    rows = [lax.index_in_dim(x, i, axis=2, keepdims=False) for i in (0, 1)]
+    return [lax.index_in_dim(r, j, axis=3, keepdims=False) for r in rows for j in (0, 1)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _pool_2x2(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    q = _quadrants(x)
-    return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
+    # Without differentiation (inference, export): a reshape and a max, which every converter takes
+    # (TFLite cannot slice the 6-D view `_quadrants` takes under a symbolic batch size).
+    b, h, w, c = x.shape
+    x = lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def _pool_2x2_fwd(x, hw):
@@ -48,7 +54,7 @@ def _pool_2x2_bwd(hw, first, g):
     b, h2, w2, c = g.shape
     shape = (1, 1, 2, 1, 2, 1)
     position = (lax.broadcasted_iota(jnp.int8, shape, 2) * 2 + lax.broadcasted_iota(jnp.int8, shape, 4))
-    dx = jnp.where(first[:, :, None, :, None, :] == position, g[:, :, None, :, None, :],
+    dx = jnp.where(lax.expand_dims(first, (2, 4)) == position, lax.expand_dims(g, (2, 4)),
                    jnp.zeros((), g.dtype))
     dx = dx.reshape(b, 2 * h2, 2 * w2, c)
     h, w = hw

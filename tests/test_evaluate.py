@@ -4,16 +4,13 @@ import dataclasses
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_run
 
-from configs import default
-from fermsca import checkpoint, datasets, evaluate, models, predict
+from fermsca import datasets, evaluate, models, predict
 
-CLASS_NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
-               "contempt"]
+CLASS_NAMES = tiny_run.CLASS_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,25 +38,11 @@ def tiny_split(n: int = 40, seed: int = 0) -> FakeSplit:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A checkpoint of a tiny FERNet with random weights, in a training run's layout."""
-    config = default.get_config()
-    config.model.stem_width = 8
-    config.model.widths = (8, 16, 16)
+    config = tiny_run.tiny_config()
     config.dataset.name = "ferplus"
     config.dataset.manual_dir = "/from/the/training/config"
-    model = models.from_config(config.model, len(CLASS_NAMES))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 1)))
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(
-        lambda s: (1 + 0.1 * rng.random(s.shape) if len(s.shape) == 1 else
-                   rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32),
-        dict(shapes))
-    path = str(tmp_path_factory.mktemp("run"))
-    ckpts = checkpoint.RunCheckpoints(path, asynchronous=False)
-    ckpts.save(7, {"step": np.int32(7), **variables},
-               {"config": config.to_json(), "class_names": CLASS_NAMES, "epoch": 1,
-                "history": []}, val_accuracy=0.5)
-    ckpts.close()
-    return path
+    variables = tiny_run.random_variables(models.from_config(config.model, len(CLASS_NAMES)), 0)
+    return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables, step=7)
 
 
 def test_confusion_matrix_counts_true_by_predicted():

@@ -3,16 +3,13 @@
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_run
 
-from configs import default
-from fermsca import checkpoint, export, models, predict
+from fermsca import export, models, predict
 
-CLASS_NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
-               "contempt"]
+CLASS_NAMES = tiny_run.CLASS_NAMES
 
 pytest.importorskip("tf2onnx", reason="ONNX export needs the [export] extra (tf2onnx)")
 pytest.importorskip("onnxruntime", reason="ONNX checks need the [export] extra (onnxruntime)")
@@ -21,27 +18,10 @@ pytest.importorskip("onnxruntime", reason="ONNX checks need the [export] extra (
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A checkpoint of a tiny FERNet with random weights whose outputs are far from uniform."""
-    config = default.get_config()
-    config.model.stem_width = 8
-    config.model.widths = (8, 16, 16)
+    config = tiny_run.tiny_config()
     model = models.from_config(config.model, len(CLASS_NAMES))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 1)))
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        if "var" in jax.tree_util.keystr(path):
-            return (1.0 + 0.2 * rng.random(leaf.shape)).astype(np.float32)
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
-        return (rng.normal(size=leaf.shape) * 2.0 / np.sqrt(fan_in)).astype(np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(fill, dict(shapes))
-    path = str(tmp_path_factory.mktemp("run"))
-    ckpts = checkpoint.RunCheckpoints(path, asynchronous=False)
-    ckpts.save(3, {"step": np.int32(3), **variables},
-               {"config": config.to_json(), "class_names": CLASS_NAMES, "epoch": 1,
-                "history": []}, val_accuracy=0.5)
-    ckpts.close()
-    return path
+    variables = tiny_run.random_variables(model, 0, spread=2.0)
+    return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables, step=3)
 
 
 @pytest.fixture(scope="module")

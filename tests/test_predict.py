@@ -9,64 +9,29 @@ import zlib
 import cv2
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_run
 from PIL import Image
 
-from configs import default
 from fermsca import checkpoint, models, predict
 
-CLASS_NAMES = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
-               "contempt"]
+CLASS_NAMES = tiny_run.CLASS_NAMES
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERPLUS_TARBALL = os.path.join(REPO, "..", "shared", "data", "ferplus-trainvalid.tar.gz")
 
 
-def tiny_config():
-    config = default.get_config()
-    config.model.stem_width = 8
-    config.model.widths = (8, 16, 16)
-    return config
-
-
-def random_variables(model: nn.Module, seed: int) -> dict:
-    """Weights with spread-out outputs, without the cost of compiling `model.init`."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 48, 48, 1)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "var" in name:
-            return (1.0 + 0.2 * rng.random(leaf.shape)).astype(np.float32)
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
-        return (rng.normal(size=leaf.shape) * 1.5 / np.sqrt(fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, dict(shapes))
-
-
-def save_checkpoint(workdir: str, config, variables: dict) -> str:
-    """A checkpoint in a training run's layout (TrainState fields, less the optimiser state)."""
-    state = {"step": np.int32(0), "params": variables["params"],
-             "batch_stats": variables["batch_stats"]}
-    meta = {"config": config.to_json(), "class_names": CLASS_NAMES, "epoch": 0, "history": []}
-    ckpts = checkpoint.RunCheckpoints(workdir, asynchronous=False)
-    ckpts.save(0, state, meta, val_accuracy=0.5)
-    ckpts.close()
-    return workdir
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
-    config = tiny_config()
+    config = tiny_run.tiny_config()
     model = models.from_config(config.model, len(CLASS_NAMES))
-    return config, model, random_variables(model, seed=0)
+    return config, model, tiny_run.random_variables(model, seed=0)
 
 
 @pytest.fixture(scope="module")
 def workdir(tiny_model, tmp_path_factory):
     config, _, variables = tiny_model
-    return save_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)
+    return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)
 
 
 def jitted_probabilities(model, variables, images, **kwargs) -> np.ndarray:
@@ -166,9 +131,9 @@ def test_load_model_rebuilds_the_checkpoint(workdir, tiny_model):
 
 
 def test_load_model_refuses_weights_that_do_not_fit_the_config(tmp_path):
-    config = tiny_config()
+    config = tiny_run.tiny_config()
     other = models.FERNet(len(CLASS_NAMES), stem_width=8, widths=(8, 16, 32))
-    save_checkpoint(str(tmp_path), config, random_variables(other, seed=1))
+    tiny_run.save_run_checkpoint(str(tmp_path), config, tiny_run.random_variables(other, seed=1))
     with pytest.raises(checkpoint.CheckpointError, match="does not match"):
         predict.load_model(str(tmp_path))
 
