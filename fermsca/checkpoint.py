@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -195,14 +196,18 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{step_dir}/meta: unreadable checkpoint metadata ({e})") from e
+    state_dir = os.path.join(step_dir, "state")
     try:
+        # The item's own metadata: a run's step folder keeps Orbax's step metadata one level up
+        # (<step>/_CHECKPOINT_METADATA, written by the CheckpointManager), so asking the
+        # Checkpointer for it here would only log that <step>/state has none.
+        found = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree
         with ocp.StandardCheckpointer() as ckptr:
             # Restore onto this process's first device, whatever topology saved it.
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                ckptr.metadata(os.path.join(step_dir, "state")).item_metadata.tree)
-            state = ckptr.restore(os.path.join(step_dir, "state"), target)
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), found)
+            state = ckptr.restore(state_dir, target)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{step_dir}/state: corrupt or unreadable checkpoint "
                               f"({type(e).__name__}: {e})") from e

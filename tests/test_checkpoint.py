@@ -84,3 +84,16 @@ def test_release_keeps_inference_variables_only(tmp_path):
     assert meta["step"] == 7 and meta["class_names"] == ["a", "b", "c"]
     with pytest.raises(checkpoint.CheckpointError, match="already exists"):
         checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "release"))
+
+
+def test_load_checkpoint_reads_a_run_and_a_release_without_warnings(tmp_path, caplog):
+    """A run's best/<step>/state has no step metadata of its own (the manager keeps it one level
+    up); reading it must not log Orbax's missing-metadata warning."""
+    _save(tmp_path / "run", [3, 5]).close()
+    checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "release"))
+    with caplog.at_level(logging.WARNING):
+        for path in (tmp_path / "run", tmp_path / "release"):
+            variables, _ = checkpoint.load_checkpoint(str(path))
+            np.testing.assert_array_equal(variables["params"]["w"],
+                                          np.asarray(_state()["params"]["w"]) + 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
