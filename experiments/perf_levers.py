@@ -53,15 +53,6 @@ def levers_of(variant: str) -> tuple[tuple[str, ...], dict]:
     return ABLATIONS[variant]
 
 
-def reshape_max_pool_2x2(x):
-    """The `fermsca_pools` 2x2 pool: a reshape and a `max` (JAX's gradient rule for `max`)."""
-    import jax
-
-    b, h, w, c = x.shape
-    x = jax.lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
 def separable_max_pool_3x3(x):
     """The `fermsca_pools` 3x3 SAME pool: two separable 3-tap maxima of shifted views."""
     import jax
@@ -80,7 +71,7 @@ def _worker(variant: str, seconds: float) -> dict:
     import jax
 
     from configs import ferplus
-    from fermsca import bench, models
+    from fermsca import bench, models, pooling
 
     levers, model_changes = levers_of(variant)
     config = ferplus.get_config()
@@ -90,7 +81,8 @@ def _worker(variant: str, seconds: float) -> dict:
         models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
         models.max_pool_3x3_same = lambda x: nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
     elif "argmax_pools" not in levers:
-        models.max_pool_2x2, models.max_pool_3x3_same = reshape_max_pool_2x2, separable_max_pool_3x3
+        models.max_pool_2x2 = pooling.reshape_max_2x2
+        models.max_pool_3x3_same = separable_max_pool_3x3
     if "fermsca_batchnorm" not in levers:
         models.BatchNorm = nn.BatchNorm
     if "onednn_conv" in levers:

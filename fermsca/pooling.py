@@ -34,13 +34,18 @@ def _quadrants(x: jax.Array) -> list[jax.Array]:
     return [lax.index_in_dim(r, j, axis=3, keepdims=False) for r in rows for j in (0, 1)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _pool_2x2(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    # Without differentiation (inference, export): a reshape and a max, which every converter takes
-    # (TFLite cannot slice the 6-D view `_quadrants` takes under a symbolic batch size).
+def reshape_max_2x2(x: jax.Array) -> jax.Array:
+    """The same 2x2 pooling as a reshape and a `max`, differentiated by JAX's rule for `max`."""
     b, h, w, c = x.shape
     x = lax.slice(x, (0, 0, 0, 0), (b, h // 2 * 2, w // 2 * 2, c))
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pool_2x2(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+    # Without differentiation (inference, export): the reshape-max, which every converter takes
+    # (TFLite cannot slice the 6-D view `_quadrants` takes under a symbolic batch size).
+    return reshape_max_2x2(x)
 
 
 def _pool_2x2_fwd(x, hw):

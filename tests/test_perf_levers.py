@@ -34,13 +34,13 @@ def test_markdown_ratios():
     assert "failed" in lines[6]
 
 
-def test_earlier_pools_equal_flax_pooling():
-    """The `fermsca_pools` lever's pools compute what nn.max_pool computes (values)."""
+def test_earlier_3x3_pool_equals_flax_pooling():
+    """The `fermsca_pools` lever's 3x3 pool computes what nn.max_pool computes (values; its 2x2 pool
+    is `pooling.reshape_max_2x2`, tested in test_pooling.py)."""
     import flax.linen as nn
     import jax
     import numpy as np
 
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
-    np.testing.assert_array_equal(perf_levers.reshape_max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
     np.testing.assert_array_equal(perf_levers.separable_max_pool_3x3(x),
                                   nn.max_pool(x, (3, 3), (1, 1), "SAME"))

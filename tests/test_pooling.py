@@ -59,6 +59,7 @@ def test_2x2_values_and_gradient_equal_flax_and_brute_force_with_ties(shape):
     x = tied(jax.random.key(0), shape)
     g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
     np.testing.assert_array_equal(pooling.max_pool_2x2(x), flax_2x2(x))
+    np.testing.assert_array_equal(pooling.reshape_max_2x2(x), flax_2x2(x))
     grad = jax.grad(lambda x: jnp.sum(pooling.max_pool_2x2(x) * g))(x)
     np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(flax_2x2(x) * g))(x))
     np.testing.assert_array_equal(grad, brute_force_2x2_grad(np.asarray(x), np.asarray(g)))
