@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import statistics
 import time
@@ -120,7 +119,7 @@ def _median_ms(fn, args, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def bench_shape(batch, hw, cin, cout, k, rounds, iters) -> dict:
+def bench_shape(batch, hw, cin, cout, k, rounds, iters, with_torch: bool) -> dict:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
@@ -128,7 +127,7 @@ def bench_shape(batch, hw, cin, cout, k, rounds, iters) -> dict:
     paths = {"xla": _functions(lax.conv_general_dilated),
              "onednn": _functions(onednn_conv.conv_general_dilated)}
     args = {"fwd": (x, w), "fwd_bwd": (x, w, r)}
-    if _torch_available():
+    if with_torch:
         torch_fwd, torch_fwd_bwd = _torch_functions(*(np.asarray(a) for a in (x, w, r)), k)
         paths["pytorch"] = (lambda *_: (torch_fwd(), None)[1], lambda *_: (torch_fwd_bwd(), None)[1])
     runs = {(p, m): [] for p in paths for m in ("fwd", "fwd_bwd")}
@@ -178,7 +177,7 @@ def main() -> None:
     print(header)
     for name, hw, cin, cout, k, count in shapes:
         row = dict(name=name, hw=hw, c_in=cin, c_out=cout, kernel=k, count_in_network=count,
-                   **bench_shape(args.batch, hw, cin, cout, k, args.rounds, args.iters))
+                   **bench_shape(args.batch, hw, cin, cout, k, args.rounds, args.iters, with_torch))
         rows.append(row)
         print(f"{name:28s} {row['xla_fwd_ms']:8.2f} {row['onednn_fwd_ms']:8.2f} "
               f"{row['xla_fwd_ms'] / row['onednn_fwd_ms']:5.2f}   {row['xla_fwd_bwd_ms']:8.2f} "
@@ -220,8 +219,7 @@ def main() -> None:
         "seconds": time.perf_counter() - begin,
     }
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=1) + "\n")
+        bench.write_json(args.output, record)
         print(f"wrote {args.output}")
 
 
