@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.fold = 0
     c.dataset.test_fraction = 0.1
     c.dataset.split_seed = 0
+    c.dataset.rebuild = False  # rebuild the stored TFDS set from manual_dir (e.g. after relabelling)
     c.dataset.train_subset = 0  # > 0: train on the first N training examples only (quick runs)
 
     # FERNet (Fig. 4). The paper gives no widths: these are ours (~1.25M parameters).

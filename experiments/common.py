@@ -342,6 +342,9 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     elapsed = time.time() - start
+    if proc.returncode == 75:  # fermsca.cli.EXIT_PREEMPTED: a checkpoint was saved
+        raise RunError(f"{study}/{mode}/{row_path}: pre-empted after {elapsed:.0f} s; repeat the "
+                       f"command to resume from {workdir}. Log: {log_path}")
     if proc.returncode:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise RunError(f"{study}/{mode}/{row_path}: training exited with {proc.returncode} after "

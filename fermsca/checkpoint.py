@@ -55,6 +55,16 @@ def shape_mismatches(expected: Any, found: Any) -> list[str]:
     return problems
 
 
+def brief(error: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut at `limit` characters: the storage library's errors
+    carry its whole (tens of lines) storage spec, which says nothing more to a user."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        first = first[:limit] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def _manager(directory: str, keep: int, best: bool, asynchronous: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
@@ -94,6 +104,9 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str, keep: int = 2, asynchronous: bool = True):
         self.workdir = workdir
+        self.aside_dir = os.path.join(workdir, "corrupt_checkpoints")
+        self.set_aside: list[int] = []  # steps found corrupt and moved to `aside_dir`
+        self._closed = False
         self.latest = _manager(os.path.join(workdir, LATEST_DIR), keep, False, asynchronous)
         self.best = _manager(os.path.join(workdir, BEST_DIR), 1, True, asynchronous)
 
@@ -106,42 +119,56 @@ class RunCheckpoints:
             self.best.save(step, args=args, metrics={"accuracy": float(val_accuracy)}, force=True)
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """Newest usable checkpoint, falling back to older ones (with a warning) when corrupt.
+        """Newest usable checkpoint, falling back to older ones (with a warning) when corrupt, and
+        to the best checkpoint when every one of the last `keep` is. Unreadable ones are moved to
+        `aside_dir` (their steps listed in `set_aside`). None when nothing usable is left.
 
         A checkpoint whose shapes do not match `abstract_state` is refused with a CheckpointError naming
         every mismatch: resuming a run under a different config is a mistake, not a fallback case.
         """
-        for step in sorted(self.latest.all_steps(), reverse=True):
-            try:
-                return _restore(self.latest, step, abstract_state)
-            except CheckpointError as e:
-                if "does not match the config" in str(e):
-                    raise
-                problem = str(e)
-            except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
-                problem = f"{type(e).__name__}: {e}"
-            self._set_aside(step, problem)
+        for manager in (self.latest, self.best):
+            for step in sorted(manager.all_steps(), reverse=True):
+                try:
+                    restored = _restore(manager, step, abstract_state)
+                except CheckpointError as e:
+                    if "does not match the config" in str(e):
+                        raise
+                    problem = str(e)
+                except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
+                    problem = brief(e)
+                else:
+                    if manager is self.best:
+                        logging.warning("resuming from the best checkpoint, step %d: none of the "
+                                        "latest could be read", step)
+                    # Best checkpoints past the resume point belong to steps that will be trained
+                    # again; the run saves them anew.
+                    for later in [s for s in self.best.all_steps() if s > step]:
+                        self.best.delete(later)
+                    return restored
+                self._set_aside(manager, step, problem)
         return None
 
-    def _set_aside(self, step: int, problem: str) -> None:
+    def _set_aside(self, manager: ocp.CheckpointManager, step: int, problem: str) -> None:
         """Moves an unreadable checkpoint to <workdir>/corrupt_checkpoints/ (kept for inspection) so
         the run can resume from an older one and save this step again."""
-        aside = os.path.join(self.workdir, "corrupt_checkpoints")
-        target = os.path.join(aside, f"{step}")
-        suffix = 0
+        aside = self.aside_dir
+        self.set_aside.append(step)
+        kind = os.path.basename(os.path.normpath(str(manager.directory)))
+        target = os.path.join(aside, f"{step}" if manager is self.latest else f"{kind}_{step}")
+        suffix, base = 0, target
         while os.path.exists(target):
             suffix += 1
-            target = os.path.join(aside, f"{step}.{suffix}")
+            target = f"{base}.{suffix}"
         if jax.process_index() == 0:
             os.makedirs(aside, exist_ok=True)
-            os.replace(os.path.join(str(self.latest.directory), str(step)), target)
+            os.replace(os.path.join(str(manager.directory), str(step)), target)
         logging.warning("checkpoint %s/%d is corrupt or partial (%s); moved it to %s and trying an "
-                        "older one", self.latest.directory, step, problem, target)
+                        "older one", manager.directory, step, problem, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(f"set_aside_{step}")
-        self.latest.reload()
+            multihost_utils.sync_global_devices(f"set_aside_{kind}_{step}")
+        manager.reload()
 
     def restore_best(self, abstract_state: Any) -> tuple[Any, dict] | None:
         step = self.best.best_step()
@@ -152,8 +179,11 @@ class RunCheckpoints:
         self.best.wait_until_finished()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        """Finishes pending saves and stops the writer threads; safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self.latest.close()
+            self.best.close()
 
 
 def find_checkpoint(path: str) -> tuple[str, int]:
@@ -210,7 +240,7 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
             state = ckptr.restore(state_dir, target)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{step_dir}/state: corrupt or unreadable checkpoint "
-                              f"({type(e).__name__}: {e})") from e
+                              f"({brief(e)})") from e
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     return jax.tree.map(np.asarray, variables), meta
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fermsca import checkpoint, predict, report
+from fermsca import cli, hostenv, predict, report
 
 SPLITS = ("test", "validation", "train")
 
@@ -60,7 +60,7 @@ def evaluate_split(classify: Callable[[np.ndarray], np.ndarray], split: Any,
 
 def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = None,
         data_dir: str | None = None, tta: bool = False, output: str | None = None,
-        batch_size: int = 256) -> dict:
+        batch_size: int = 256, rebuild_data: bool = False) -> dict:
     """Evaluates a checkpoint on a split of its dataset; writes `output` (JSON) and a PNG beside it.
 
     `output` defaults to `default_output(...)` in the current directory.
@@ -73,6 +73,7 @@ def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = N
         dataset_config.manual_dir = manual_dir
     if data_dir is not None:
         dataset_config.data_dir = data_dir
+    dataset_config.rebuild = rebuild_data
     data = datasets.load(dataset_config, required=(split,))
     if split not in data.splits:
         raise ValueError(f"dataset {data.name} has no {split!r} split (has "
@@ -84,7 +85,8 @@ def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = N
                                     batch_size=batch_size)
     metrics = evaluate_split(classifier, data.splits[split], loaded.class_names)
     results = {"checkpoint": loaded.path, "step": loaded.step, "dataset": data.name,
-               "split": split, "tta": tta, "class_names": list(loaded.class_names), **metrics}
+               "split": split, "source": data.source, "tta": tta,
+               "class_names": list(loaded.class_names), **metrics}
     write_results(results, output or default_output(data.name, split, tta))
     return results
 
@@ -124,21 +126,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="test-time augmentation: average over flips and small shifts")
     p.add_argument("--output", help="results JSON (default eval_<dataset>_<split>[_tta].json); "
                                     "the confusion matrix PNG is written beside it")
+    p.add_argument("--rebuild_data", action="store_true",
+                   help="rebuild the stored dataset from --manual_dir (after the raw files changed)")
     p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # TF only reads data: accelerators stay JAX's
-    try:
+    hostenv.enable_compilation_cache(hostenv.default_compilation_cache())
+
+    def body() -> int:
         results = run(args.checkpoint, split=args.split, manual_dir=args.manual_dir,
                       data_dir=args.data_dir, tta=args.tta, output=args.output,
-                      batch_size=args.batch_size)
-    except (checkpoint.CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    output = args.output or default_output(results["dataset"], results["split"], results["tta"])
-    print(summary_line(results, output))
-    return 0
+                      batch_size=args.batch_size, rebuild_data=args.rebuild_data)
+        output = args.output or default_output(results["dataset"], results["split"],
+                                               results["tta"])
+        print(summary_line(results, output))
+        return 0
+
+    return cli.run(body, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fermsca import checkpoint, predict
+from fermsca import cli, predict
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 INPUT_NAME = "images"
@@ -66,8 +67,10 @@ def check_inputs(num: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def _float32(loaded: predict.LoadedModel) -> predict.LoadedModel:
-    """The model computing in float32, whatever precision it was trained in."""
-    return dataclasses.replace(loaded, model=loaded.model.clone(dtype=jnp.float32))
+    """The model computing in float32 on XLA's convolutions, whatever precision and conv_impl it was
+    trained with."""
+    # jax2tf cannot lower the oneDNN custom call: export always runs XLA's convolutions.
+    return dataclasses.replace(loaded, model=loaded.model.clone(dtype=jnp.float32, conv_impl="xla"))
 
 
 def jax_probabilities(loaded: predict.LoadedModel, images: np.ndarray) -> np.ndarray:
@@ -263,14 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--input_dtype", default="float32", choices=("float32", "uint8"))
     p.add_argument("--no_check", dest="check", action="store_false",
                    help="skip running each exported model against JAX")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     try:
         result = export(args.checkpoint, args.output, formats, input_dtype=args.input_dtype,
                         check=args.check)
-    except (checkpoint.CheckpointError, ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*cli.anticipated_errors(), ImportError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(cli.one_line(e), file=sys.stderr)
+        return cli.EXIT_ERROR
     for f in formats:
         diff = result.get("max_abs_diff", {}).get(f)
         note = "" if diff is None else f" (max |diff| from JAX {diff:.2e})"

@@ -3,14 +3,18 @@
 Override any config field with `--config.<field>=<value>`. Multi-host runs call
 `jax.distributed.initialize` from `--coordinator_address/--num_processes/--process_id`, or from the
 cluster environment with `--distributed`.
+
+Errors are one line on stderr with exit status 2 (`--verbose` adds the traceback); a run stopped by
+SIGTERM saves a checkpoint and exits with status 75 (see `fermsca.cli`).
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fermsca import hostenv
+from fermsca import cli, hostenv
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -19,6 +23,10 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the cluster environment.")
+flags.DEFINE_string("compilation_cache", hostenv.default_compilation_cache(),
+                    "Directory of JAX's persistent compilation cache ('off' disables it; default "
+                    f"${hostenv.CACHE_ENV} or ~/.cache/fermsca/jax).")
+flags.DEFINE_bool("verbose", False, "Print the traceback of an error as well as its one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,11 +37,23 @@ class _QuietLibraries(logging.logging.Filter):
         return record.levelno >= logging.logging.WARNING or "orbax" not in record.pathname
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+def repeated_config_flags(argv: list[str]) -> list[str]:
+    """`--config.<field>` overrides given more than once (a tuple field would concatenate them)."""
+    seen, repeated = set(), []
+    for arg in argv:
+        if arg.startswith("--config."):
+            name = arg.split("=", 1)[0]
+            if name in seen and name not in repeated:
+                repeated.append(name)
+            seen.add(name)
+    return repeated
+
+
+def _train(argv) -> int:
     import jax
+
+    cache = hostenv.enable_compilation_cache(FLAGS.compilation_cache)
+    logging.info("compilation cache: %s", cache or "off")
 
     if FLAGS.coordinator_address or FLAGS.num_processes:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -51,14 +71,29 @@ def main(argv):
                  jax.local_devices())
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
-        if results["status"] == "completed":
-            best = results["evaluations"].get("best", results["evaluations"]["last"])
-            print(f"{results['evaluated_split']} accuracy {best['accuracy']:.4f} "
-                  f"(macro F1 {best['macro_f1']:.4f}) -> "
-                  f"{os.path.join(FLAGS.workdir, 'results.json')}")
-        else:
-            print(f"preempted at step {results['step']}: rerun with --workdir {FLAGS.workdir} "
-                  "to resume")
+        for warning in results.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
+    if results["status"] != "completed":
+        raise cli.Preempted(f"pre-empted at step {results['step']}: a checkpoint was saved; rerun "
+                            f"with --workdir {FLAGS.workdir} to resume")
+    if jax.process_index() == 0:
+        best = results["evaluations"].get("best", results["evaluations"]["last"])
+        print(f"{results['evaluated_split']} accuracy {best['accuracy']:.4f} "
+              f"(macro F1 {best['macro_f1']:.4f}) -> "
+              f"{os.path.join(FLAGS.workdir, 'results.json')}")
+    return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    repeated = repeated_config_flags(sys.argv)
+    if repeated:
+        raise app.UsageError(f"{', '.join(repeated)} given more than once: give each config "
+                             "override once (a tuple field would join the values)")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.raise_on_sigterm()  # until the training loop takes SIGTERM over (then: save and stop)
+    return cli.run(lambda: _train(argv), verbose=FLAGS.verbose)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fermsca import augment, checkpoint, faces, models
+from fermsca import augment, checkpoint, cli, faces, hostenv, models
 
 Array = jax.Array
 
@@ -523,11 +524,13 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"larger images are refused (default {MAX_MEGAPIXELS:g})")
     p.add_argument("--max_file_mb", type=float, default=MAX_FILE_MB,
                    help=f"larger files are refused (default {MAX_FILE_MB:g})")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    hostenv.enable_compilation_cache(hostenv.default_compilation_cache())
     if not args.paths and not args.video:
         _parser().error("give at least one PATH or --video FILE")
     if args.every_n_frames < 1 or args.margin < 0 or args.batch_size < 1:
@@ -542,9 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.detect:
             faces.cascade_path()
         loaded = load_model(args.checkpoint)
-    except (checkpoint.CheckpointError, faces.FaceDetectorError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except cli.anticipated_errors() as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(cli.one_line(e), file=sys.stderr)
+        return cli.EXIT_ERROR
     classifier = Classifier(loaded.model, loaded.variables, loaded.class_names, tta=args.tta,
                             batch_size=args.batch_size)
 

@@ -30,7 +30,17 @@ from clu import metric_writers, metrics, periodic_actions
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fermsca import augment, checkpoint, datasets, input_pipeline, losses, models, report, schedules
+from fermsca import (
+    augment,
+    checkpoint,
+    config_schema,
+    datasets,
+    input_pipeline,
+    losses,
+    models,
+    report,
+    schedules,
+)
 
 DATA_AXIS = "data"
 
@@ -305,9 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns the results dict ("status" is "completed" or "preempted").
     """
     start_time = time.time()
+    config_schema.validate(config, jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-    check_batch_size("batch_size", config.batch_size)
-    check_batch_size("eval_batch_size", config.eval_batch_size)
     mesh = make_mesh()
     is_chief = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -328,103 +337,138 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     trainer = Trainer(config, num_classes, steps_per_epoch, mesh)
     ckpts = checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                       asynchronous=config.async_checkpoints)
-    history: list[dict] = []
-    restored = ckpts.restore_latest(trainer.abstract_state())
-    if restored is None:
-        state = trainer.init_state()
-    else:  # a resumed run never needs the fresh initialisation
-        state, meta = restored
-        state = trainer.place(state)
-        history = list(meta.get("history", []))
-        logging.info("resumed from step %d (epoch %s)", int(state.step), meta.get("epoch"))
-    start_step = int(state.step)
-    meta_base = {"config": config.to_json(), "class_names": list(data.class_names),
-                 "dataset": data.name}
+    try:
+        history: list[dict] = []
+        warnings: list[str] = []
+        restored = ckpts.restore_latest(trainer.abstract_state())
+        if restored is None:
+            if ckpts.set_aside:
+                warnings.append(
+                    f"no usable checkpoint in {workdir}: {len(ckpts.set_aside)} corrupt "
+                    f"one(s) moved to {ckpts.aside_dir} (steps {sorted(ckpts.set_aside)}); training "
+                    "starts again from step 0")
+                logging.warning("%s", warnings[-1])
+            state = trainer.init_state()
+        else:  # a resumed run never needs the fresh initialisation
+            state, meta = restored
+            state = trainer.place(state)
+            history = list(meta.get("history", []))
+            logging.info("resumed from step %d (epoch %s)", int(state.step), meta.get("epoch"))
+        start_step = int(state.step)
+        meta_base = {"config": config.to_json(), "class_names": list(data.class_names),
+                     "dataset": data.name}
 
-    def save(step: int, epoch: float, val_accuracy: float | None) -> None:
-        if step in ckpts.latest.all_steps():  # e.g. SIGTERM right after an end-of-epoch save
-            return
-        ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history},
-                   val_accuracy=val_accuracy)
+        def save(step: int, epoch: float, val_accuracy: float | None) -> None:
+            if step in ckpts.latest.all_steps():  # e.g. SIGTERM right after an end-of-epoch save
+                return
+            ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history},
+                       val_accuracy=val_accuracy)
 
-    writer.write_hparams({k: v for k, v in _flat_config(config).items()})
-    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                               every_steps=config.log_every_steps)
-    train_iter: Iterator = input_pipeline.train_iterator(
-        train_split, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
-    logging.info("training %d steps (%d per epoch) from step %d on %d %s device(s), %d process(es)",
-                 num_steps, steps_per_epoch, start_step, jax.device_count(),
-                 jax.devices()[0].device_kind, jax.process_count())
+        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                                   every_steps=config.log_every_steps)
+        train_iter: Iterator = input_pipeline.train_iterator(
+            train_split, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+        logging.info("training %d steps (%d per epoch) from step %d on %d %s device(s), %d process(es)",
+                     num_steps, steps_per_epoch, start_step, jax.device_count(),
+                     jax.devices()[0].device_kind, jax.process_count())
 
-    status = "completed"
-    train_metrics = epoch_metrics = None
-    # Training throughput over the steps after the first (compilation), evaluation excluded.
-    timer = _ThroughputTimer()
-    with _Preemption() as preemption:
-        for step in range(start_step, num_steps):
-            if step == start_step + 1:
-                timer.start(state)
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, m = trainer.train(state, next(train_iter))
-            train_metrics = m if train_metrics is None else train_metrics.merge(m)
-            epoch_metrics = m if epoch_metrics is None else epoch_metrics.merge(m)
-            timer.count(config.batch_size)
-            progress(step + 1)
-            done = step + 1 == num_steps
-            end_of_epoch = (step + 1) % steps_per_epoch == 0 or done
-            if (step + 1) % config.log_every_steps == 0 or end_of_epoch:
-                computed = train_metrics.compute()
-                _check_finite(computed, step + 1, ckpts)
-                writer.write_scalars(step + 1, {
-                    "train_loss": computed["loss"], "train_accuracy": computed["accuracy"],
-                    "learning_rate": float(trainer.schedule(step))})
-                train_metrics = None
-            if end_of_epoch:
-                timer.pause(state)
-                epoch = (step + 1) / steps_per_epoch
-                train_epoch = {k: float(v) for k, v in epoch_metrics.compute().items()}
-                epoch_metrics = None
-                val = trainer.evaluate(state, data.splits["validation"], config.eval_batch_size)
-                writer.write_scalars(step + 1, {"validation_loss": val["loss"],
-                                                "validation_accuracy": val["accuracy"]})
-                history.append(_epoch_history_row(round(epoch, 4), train_epoch, val,
-                                                  float(trainer.schedule(step))))
-                logging.info("epoch %.2f: train loss %.4f acc %.4f | validation loss %.4f acc "
-                             "%.4f", epoch, train_epoch["loss"], train_epoch["accuracy"],
-                             val["loss"], val["accuracy"])
-                epoch_index = (step + 1) // steps_per_epoch
-                if done or epoch_index % config.checkpoint_every_epochs == 0:
-                    save(step + 1, epoch, val["accuracy"])
-                timer.resume()
-            elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
-                save(step + 1, (step + 1) / steps_per_epoch, None)
-            if not done and preemption.any_process():
-                save(step + 1, (step + 1) / steps_per_epoch, None)
-                status = "preempted"
-                break
-    timer.pause(state)
-    ckpts.wait()
-    writer.flush()
-    if status == "preempted":
+        status = "completed"
+        train_metrics = epoch_metrics = None
+        # Training throughput over the steps after the first (compilation), evaluation excluded.
+        timer = _ThroughputTimer()
+        with _Preemption() as preemption:
+            for step in range(start_step, num_steps):
+                if step == start_step + 1:
+                    timer.start(state)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, m = trainer.train(state, next(train_iter))
+                train_metrics = m if train_metrics is None else train_metrics.merge(m)
+                epoch_metrics = m if epoch_metrics is None else epoch_metrics.merge(m)
+                timer.count(config.batch_size)
+                progress(step + 1)
+                done = step + 1 == num_steps
+                end_of_epoch = (step + 1) % steps_per_epoch == 0 or done
+                if (step + 1) % config.log_every_steps == 0 or end_of_epoch:
+                    computed = train_metrics.compute()
+                    _check_finite(computed, step + 1, ckpts)
+                    writer.write_scalars(step + 1, {
+                        "train_loss": computed["loss"], "train_accuracy": computed["accuracy"],
+                        "learning_rate": float(trainer.schedule(step))})
+                    train_metrics = None
+                if end_of_epoch:
+                    timer.pause(state)
+                    epoch = (step + 1) / steps_per_epoch
+                    train_epoch = {k: float(v) for k, v in epoch_metrics.compute().items()}
+                    epoch_metrics = None
+                    val = trainer.evaluate(state, data.splits["validation"], config.eval_batch_size)
+                    writer.write_scalars(step + 1, {"validation_loss": val["loss"],
+                                                    "validation_accuracy": val["accuracy"]})
+                    history.append(_epoch_history_row(round(epoch, 4), train_epoch, val,
+                                                      float(trainer.schedule(step))))
+                    logging.info("epoch %.2f: train loss %.4f acc %.4f | validation loss %.4f acc "
+                                 "%.4f", epoch, train_epoch["loss"], train_epoch["accuracy"],
+                                 val["loss"], val["accuracy"])
+                    stalled = stall_warning(history, val["confusion_matrix"], data.class_names)
+                    if stalled:
+                        logging.warning("%s", stalled)
+                        if stalled not in warnings:
+                            warnings.append(stalled)
+                    epoch_index = (step + 1) // steps_per_epoch
+                    if done or epoch_index % config.checkpoint_every_epochs == 0:
+                        save(step + 1, epoch, val["accuracy"])
+                    timer.resume()
+                elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
+                    save(step + 1, (step + 1) / steps_per_epoch, None)
+                if not done and preemption.any_process():
+                    save(step + 1, (step + 1) / steps_per_epoch, None)
+                    status = "preempted"
+                    break
+        timer.pause(state)
+        ckpts.wait()
+        writer.flush()
+        if status == "preempted":
+            ckpts.close()
+            logging.warning("preempted at step %d; rerun with the same --workdir to resume",
+                            int(state.step))
+            return {"status": status, "step": int(state.step)}
+
+        results = _final_report(config, workdir, data, trainer, state, ckpts, history,
+                                num_steps, steps_per_epoch)
+        results.update({
+            "warnings": warnings,
+            "status": status,
+            "wall_time_seconds": time.time() - start_time,
+            "train_images_per_second": timer.images_per_second(),
+        })
         ckpts.close()
-        logging.warning("preempted at step %d; rerun with the same --workdir to resume",
-                        int(state.step))
-        return {"status": status, "step": int(state.step)}
+        if is_chief:
+            with open(os.path.join(workdir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            logging.info("wrote %s", os.path.join(workdir, "results.json"))
+        writer.close()
+        return results
+    except BaseException:
+        ckpts.close()  # finish pending saves and stop the writer threads before the error exits
+        raise
 
-    results = _final_report(config, workdir, data, trainer, state, ckpts, history,
-                            num_steps, steps_per_epoch)
-    results.update({
-        "status": status,
-        "wall_time_seconds": time.time() - start_time,
-        "train_images_per_second": timer.images_per_second(),
-    })
-    ckpts.close()
-    if is_chief:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        logging.info("wrote %s", os.path.join(workdir, "results.json"))
-    writer.close()
-    return results
+
+def stall_warning(history: list[dict], confusion: np.ndarray, class_names) -> str | None:
+    """A warning when training has stopped learning: every validation image predicted as one
+    class, or the epoch's training loss unchanged from the previous epoch's (e.g. a learning rate
+    so high that every unit died). None when neither holds."""
+    predicted = np.flatnonzero(np.asarray(confusion).sum(axis=0))
+    epoch = history[-1]["epoch"]
+    if len(predicted) == 1 and np.asarray(confusion).sum() > 1:
+        return (f"epoch {epoch:g}: every validation image is predicted as "
+                f"{class_names[predicted[0]]!r}; the model is not learning (learning rate too "
+                "high, or labels that do not vary?)")
+    if len(history) >= 2:
+        now, before = history[-1]["train_loss"], history[-2]["train_loss"]
+        if abs(now - before) <= 1e-6 * max(1.0, abs(now)):
+            return (f"epoch {epoch:g}: the training loss stopped moving ({now:.6g}, as in the "
+                    "epoch before); the model is not learning (learning rate too high or too low?)")
+    return None
 
 
 def _subset(split: Any, n: int) -> Any:
@@ -489,6 +533,7 @@ def _final_report(config, workdir, data, trainer: Trainer, state, ckpts, history
             "class_names": list(data.class_names),
             "split_sizes": {k: int(len(v.images)) for k, v in data.splits.items()},
             "split_counts": {k: dict(v.counts) for k, v in data.splits.items()},
+            "source": data.source,
         },
         "evaluated_split": eval_name,
         "evaluations": evaluations,

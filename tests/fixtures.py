@@ -102,6 +102,7 @@ VOTE_CASES = [
 
 FERPLUS_SOURCE = Path("/tmp/ferplus")
 FERPLUS_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ferplus-trainvalid.tar.gz"
+FERPLUS_NEW_CSV = FERPLUS_ARCHIVE.parent / "fer2013new.csv"  # Microsoft's official file, as published
 
 
 def noise_image(rng: np.random.Generator, size: int = 48) -> np.ndarray:
@@ -147,21 +148,72 @@ def write_ferplus_folders(root, contents: dict[str, list], with_box: bool = True
                 write_png(os.path.join(folder, name), image)
 
 
-def write_ferplus_csv(root, contents: dict[str, list], dropped_rows: dict[str, int] | None = None):
-    """Kaggle fer2013.csv + Microsoft fer2013new.csv, row-aligned. `dropped_rows` appends, per
-    split, rows with a blank image name (images FER+ removed) after all the others."""
-    rows = [(split, *row) for split in ("train", "validation", "test") for row in contents.get(split, [])]
-    blank = ("", [0] * 9 + [10], np.zeros((48, 48), np.uint8))
-    rows += [(split, *blank) for split, n in (dropped_rows or {}).items() for _ in range(n)]
+def write_ferplus_csv(
+    root,
+    contents: dict[str, list],
+    dropped_rows: dict[str, int] | None = None,
+    repeated: dict[str, int] | None = None,
+) -> None:
+    """Kaggle fer2013.csv + Microsoft fer2013new.csv as FERPlus's generator reads them: row N of one
+    is row N of the other, and each image takes the name written in its fer2013new.csv row.
+
+    As in the real files, the names drift from the row numbers: per split, `dropped_rows` spreads
+    that many rows with a blank name (images FER+ removed, all votes on NF) among the images, and
+    `repeated` puts that many rows, each with other pixels and votes, ahead of one of the split's
+    last images under its name (the generator saves the later image over them). Read by FERPlus's
+    rules, the files hold exactly `contents`, in order. A name may also repeat within `contents`.
+    """
     fer = [["emotion", "pixels", "Usage"]]
     plus = [["Usage", "Image name", *VOTE_COLUMNS]]
-    for index, (split, name, votes, image) in enumerate(rows):
-        assert name in ("", f"fer{index:07d}.png"), "rows must follow the FER2013 order"
-        fer.append([0, " ".join(str(int(v)) for v in image.ravel()), USAGES[split]])
-        plus.append([USAGES[split], name, *votes])
+    for split in ("train", "validation", "test"):
+        images = contents.get(split, [])
+        # Sort keys: image i at 2 i + 1; an extra row placed before image p at 2 p.
+        placed = [(2 * i + 1, row) for i, row in enumerate(images)]
+        blanks = (dropped_rows or {}).get(split, 0)
+        for b in range(blanks):
+            before = (b + 1) * len(images) // (blanks + 1)
+            placed.append((2 * before, ("", [0] * 9 + [10], np.zeros((48, 48), np.uint8))))
+        for k in range((repeated or {}).get(split, 0)):
+            later = len(images) - 1 - k
+            stray = (images[later][0], [0] * 9 + [10], np.full((48, 48), 7 + k, np.uint8))
+            placed.append((2 * (later // 2), stray))
+        for _, (name, votes, image) in sorted(placed, key=lambda item: item[0]):
+            fer.append([0, " ".join(str(int(v)) for v in image.ravel()), USAGES[split]])
+            plus.append([USAGES[split], name, *votes])
     for name, table in (("fer2013.csv", fer), ("fer2013new.csv", plus)):
         with open(os.path.join(root, name), "w", newline="") as f:
             csv.writer(f).writerows(table)
+
+
+def write_ferplus_generator_labels(root, ferplus_csv) -> None:
+    """The label.csv files the current FERPlus `generate_training_data.py` writes next to its PNGs:
+    for each Usage, a row `name,<10 votes>` per fer2013new.csv row with a name, in file order,
+    repeated names included (no face box)."""
+    with open(ferplus_csv, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    for split, usage in USAGES.items():
+        labelled = [row[1:] for row in rows if row[0] == usage and row[1].strip()]
+        if labelled:
+            os.makedirs(os.path.join(root, FOLDERS[split]), exist_ok=True)
+            with open(os.path.join(root, FOLDERS[split], "label.csv"), "w", newline="") as f:
+                csv.writer(f).writerows(labelled)
+
+
+def write_kaggle_fer2013(path, ferplus_csv, images: dict[str, np.ndarray]) -> None:
+    """A Kaggle-layout fer2013.csv row-aligned with `ferplus_csv` (Microsoft's fer2013new.csv): each
+    row holds the image its fer2013new.csv row names, from `images` (name -> uint8 [48, 48], e.g.
+    the PNGs of the FERPlus folders); a row whose image is not there (a blank name, a split with no
+    folder) holds a placeholder, all zeros. Usage is copied; the emotion column is 0."""
+    text = [str(v) for v in range(256)]
+    placeholder = " ".join(["0"] * 48 * 48)
+    with open(ferplus_csv, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    with open(path, "w", newline="") as f:
+        f.write("emotion,pixels,Usage\n")
+        for row in rows:
+            image = images.get(row[1].strip())
+            pixels = placeholder if image is None else " ".join([text[v] for v in image.ravel().tolist()])
+            f.write(f"0,{pixels},{row[0]}\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,3 +97,45 @@ def test_load_checkpoint_reads_a_run_and_a_release_without_warnings(tmp_path, ca
             np.testing.assert_array_equal(variables["params"]["w"],
                                           np.asarray(_state()["params"]["w"]) + 1)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def _corrupt(state_dir):
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00")
+
+
+def test_every_latest_corrupt_falls_back_to_best_then_to_nothing(tmp_path):
+    _save(tmp_path, [10, 20]).close()  # best: step 20
+    for step in (10, 20):
+        _corrupt(tmp_path / "checkpoints" / str(step) / "state")
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path), keep=3, asynchronous=False)
+    state, meta = ckpts.restore_latest(_state())
+    assert float(state["params"]["w"][0, 0]) == 1.0 and ckpts.set_aside == [20, 10]
+    ckpts.close()
+
+    _corrupt(tmp_path / "best" / "20" / "state")
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path), keep=3, asynchronous=False)
+    assert ckpts.restore_latest(_state()) is None
+    assert ckpts.set_aside == [20] and ckpts.aside_dir == str(tmp_path / "corrupt_checkpoints")
+    assert sorted(os.listdir(ckpts.aside_dir)) == ["10", "20", "best_20"]
+    assert ckpts.best.all_steps() == [] and ckpts.latest.all_steps() == []
+    ckpts.close()
+    ckpts.close()  # twice is fine
+
+
+def test_corrupt_checkpoint_error_is_short(tmp_path):
+    _save(tmp_path / "run", [4]).close()
+    _corrupt(tmp_path / "run" / "best" / "4" / "state")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load_checkpoint(str(tmp_path / "run"))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'run' / 'best' / '4'}/state: corrupt or unreadable")
+    assert "\n" not in message and len(message) < 400 + len(str(tmp_path)), message
+
+
+def test_brief():
+    assert checkpoint.brief(ValueError("one\ntwo")) == "ValueError: one"
+    assert checkpoint.brief(OSError("x" * 300)) == "OSError: " + "x" * 200 + "..."
+    assert checkpoint.brief(KeyError()) == "KeyError"

@@ -78,3 +78,72 @@ def test_missing_manual_dir_is_a_data_error(tmp_path):
     with pytest.raises(datasets.DataError, match="Manual directory .* does not exist"):
         datasets.load(config)
     assert issubclass(datasets.DataError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# A stored build is used only for the raw files it was made from.
+
+
+def _ckplus48_raw(root, rng, subjects=4):
+    import fixtures
+
+    from fermsca.datasets import ckplus
+
+    entries = [(ckplus.CLASS_NAMES[s % 7], f"S{s + 10:03d}_001_{f:08d}.png", fixtures.noise_image(rng))
+               for s in range(subjects) for f in range(8, 11)]
+    fixtures.write_ckplus48(root, entries)
+    return entries
+
+
+def _ck_config(manual_dir, data_dir, **fields):
+    return ml_collections.ConfigDict(dict(name="ckplus", builder_config="ckplus48", protocol="random",
+                                          test_fraction=0.25, manual_dir=manual_dir and str(manual_dir),
+                                          data_dir=str(data_dir), **fields))
+
+
+def test_changed_raw_files_are_refused_until_rebuilt(tmp_path):
+    import os
+    import shutil
+
+    raw, data_dir = tmp_path / "raw", tmp_path / "tfds"
+    entries = _ckplus48_raw(raw, np.random.default_rng(0))
+    first = datasets.load(_ck_config(raw, data_dir))
+    assert first.source["manual_dir"] == str(raw) and first.source["files"] == len(entries)
+    assert datasets.load(_ck_config(raw, data_dir)).source == first.source  # unchanged: reused
+
+    label, name, _ = entries[0]  # relabel one image: move it to another class folder
+    shutil.move(raw / "CK+48" / label / name, raw / "CK+48" / "fear" / name)
+    with pytest.raises(datasets.DataError, match="rebuild=True") as error:
+        datasets.load(_ck_config(raw, data_dir))
+    assert first.source["digest"][:12] in str(error.value) and str(raw) in str(error.value)
+    rebuilt = datasets.load(_ck_config(raw, data_dir, rebuild=True))
+    assert rebuilt.source["digest"] != first.source["digest"]
+    names = np.concatenate([p.file_names for p in rebuilt.splits.values()])
+    targets = np.concatenate([p.targets for p in rebuilt.splits.values()])
+    moved = targets[list(names).index(os.path.join("CK+48", "fear", name))]
+    assert rebuilt.class_names[moved.argmax()] == "fear"
+
+    with pytest.raises(datasets.DataError, match="manual_dir is not a folder"):
+        datasets.load(_ck_config(tmp_path / "nonexistent", data_dir))
+    other = tmp_path / "other"  # another folder, other files
+    _ckplus48_raw(other, np.random.default_rng(1))
+    with pytest.raises(datasets.DataError, match=f"made from {raw}"):
+        datasets.load(_ck_config(other, data_dir))
+    # No manual_dir: the stored build, and the results can say what it was made from.
+    assert datasets.load(_ck_config(None, data_dir)).source == rebuilt.source
+
+
+def test_a_changed_label_file_changes_the_fingerprint(tmp_path):
+    from fermsca.datasets._common import source_fingerprint
+
+    (tmp_path / "FER2013Train").mkdir()
+    label = tmp_path / "FER2013Train" / "label.csv"
+    label.write_text("fer0000000.png,4,3,0,0,0,0,0,0,0,3\n")
+    is_label = datasets._ferplus_label_file
+    before = source_fingerprint(str(tmp_path), ["FER2013Train", "fer2013.csv"], is_label)
+    label.write_text("fer0000000.png,3,4,0,0,0,0,0,0,0,3\n")  # same size, other votes
+    after = source_fingerprint(str(tmp_path), ["FER2013Train", "fer2013.csv"], is_label)
+    assert (before["files"], before["bytes"]) == (after["files"], after["bytes"]) == (1, 35)
+    assert before["digest"] != after["digest"]
+    (tmp_path / "unrelated.txt").write_text("notes")  # outside the entries: not part of the build
+    assert source_fingerprint(str(tmp_path), ["FER2013Train", "fer2013.csv"], is_label) == after

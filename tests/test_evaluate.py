@@ -26,6 +26,7 @@ class FakeDataset:
     name: str
     class_names: tuple
     splits: dict
+    source: dict | None = None
 
 
 def tiny_split(n: int = 40, seed: int = 0) -> FakeSplit:

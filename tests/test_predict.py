@@ -8,6 +8,7 @@ import zlib
 
 import cv2
 import flax.linen as nn
+import haar_margin
 import jax
 import numpy as np
 import pytest
@@ -356,9 +357,15 @@ def test_cli_detects_a_real_face_and_reports_images_without_one(workdir, tiny_mo
     from fermsca import faces
 
     _, model, variables = tiny_model
-    canvas = np.full((400, 480), 128, np.uint8)
-    canvas[100:292, 150:342] = cv2.resize(ferplus_face(2), (192, 192),
-                                          interpolation=cv2.INTER_CUBIC)
+    def paste(face, _=0):
+        canvas = np.full((400, 480), 128, np.uint8)
+        canvas[100:292, 150:342] = cv2.resize(face, (192, 192), interpolation=cv2.INTER_CUBIC)
+        return canvas
+
+    clear = haar_margin.clear_faces((ferplus_face(i) for i in range(24)), paste, count=1, draws=1,
+                                    where=(150, 100, 192, 192), min_iou=0.7)
+    assert clear, "no face of the sample is found with a clear margin"
+    canvas = paste(clear[0])
     photo = write_png(tmp_path / "photo.png", np.stack([canvas] * 3, axis=-1))
     flat = write_png(tmp_path / "flat.png", np.full((300, 300), 90, np.uint8))
     status, records, _ = run_cli(capsys, ["--checkpoint", workdir, photo, flat])

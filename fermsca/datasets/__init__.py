@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from fermsca.datasets import ckplus, ferplus, labels, synthetic_faces
-from fermsca.datasets._common import IMAGE_SIZE, DataError
+from fermsca.datasets._common import IMAGE_SIZE, DataError, source_fingerprint
 
 __all__ = [
     "CLASS_NAMES",
@@ -50,6 +50,7 @@ _DEFAULTS = {
     "fold": 0,
     "test_fraction": 0.1,
     "split_seed": 0,
+    "rebuild": False,
 }
 
 
@@ -71,6 +72,7 @@ class Dataset:
     name: str
     class_names: tuple[str, ...]
     splits: dict[str, Split]  # keys among SPLITS, only those present
+    source: dict | None = None  # the raw files' fingerprint (`_common.source_fingerprint`)
 
     @property
     def num_classes(self) -> int:
@@ -94,14 +96,51 @@ def _read(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray
     }
 
 
-def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None, rebuild: bool = False):
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None, entries=(),
+             rebuild: bool = False, is_label_file=lambda name: False) -> dict | None:
+    """Builds `builder` from `manual_dir` unless it is built already; returns the build's source
+    fingerprint (`source_fingerprint`; None for built-in sets).
+
+    A stored build is used only when `manual_dir` is unset or still fingerprints the same: changed,
+    added or removed raw files, or another folder, are a DataError that says how to rebuild.
+    """
+    fingerprint = (None if manual_dir is None else
+                   source_fingerprint(manual_dir, entries, is_label_file))
+    if builder.is_prepared() and not rebuild:
+        stored = dict(builder.info.metadata or {}).get("source")
+        if fingerprint is not None and (stored or {}).get("digest") != fingerprint["digest"]:
+            raise DataError(_stale_message(builder, stored, fingerprint))
+        return stored or fingerprint
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    if rebuild:  # regenerate from the manual files, e.g. after a split folder was added
+    if rebuild:  # regenerate from the manual files, e.g. after they changed or a split was added
         download_config.download_mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+    if fingerprint is not None:
+        builder.info.metadata["source"] = fingerprint
     try:
         builder.download_and_prepare(download_config=download_config)
     except AssertionError as error:  # TFDS: manual directory missing or empty
         raise DataError(f"{builder.name}: {error}") from None
+    return fingerprint
+
+
+def _stale_message(builder: tfds.core.DatasetBuilder, stored: dict | None, found: dict) -> str:
+    built = ("before source fingerprints were recorded" if not stored else
+             f"from {stored['manual_dir']} ({stored['files']} files, digest {stored['digest'][:12]})")
+    return (
+        f"{builder.data_path}: this {builder.name} build was made {built}, but manual_dir "
+        f"{found['manual_dir']} now holds {found['files']} files, digest {found['digest'][:12]}: "
+        "the raw files changed or another folder was given. Rebuild it with "
+        "--config.dataset.rebuild=True (evaluate: --rebuild_data), or pass another "
+        "--config.dataset.data_dir (evaluate: --data_dir)."
+    )
+
+
+def _ferplus_entries() -> list[str]:
+    return [*ferplus.SPLIT_FOLDERS.values(), ferplus.FER_CSV, ferplus.FERPLUS_CSV]
+
+
+def _ferplus_label_file(name: str) -> bool:
+    return os.path.basename(name) in (ferplus.LABEL_FILE, ferplus.FERPLUS_CSV)
 
 
 def _load_synthetic(config) -> Dataset:
@@ -121,21 +160,29 @@ def _load_synthetic(config) -> Dataset:
     return Dataset("synthetic_faces", synthetic_faces.CLASS_NAMES, splits)
 
 
+def build_ferplus(manual_dir: str | None, data_dir: str | None, rebuild: bool = False):
+    """The FER+ TFDS builder, built from `manual_dir` if needed (fingerprint-checked as in `load`)."""
+    builder = ferplus.Ferplus(data_dir=data_dir)
+    _prepare(builder, manual_dir, _ferplus_entries(), rebuild, _ferplus_label_file)
+    return builder
+
+
 def _load_ferplus(config, required: Sequence[str]) -> Dataset:
     label_mode = _option(config, "label_mode")
     labels.check_mode(label_mode)
     manual_dir = _option(config, "manual_dir")
     builder = ferplus.Ferplus(data_dir=_option(config, "data_dir"))
-    _prepare(builder, manual_dir)
-    missing = [s for s in required if s not in builder.info.splits]
-    if missing and manual_dir and os.path.isdir(manual_dir):
+    rebuild = bool(_option(config, "rebuild"))
+    if not rebuild and manual_dir and builder.is_prepared():
+        missing = [s for s in required if s not in builder.info.splits]
         if any(s in ferplus.find_sources(manual_dir) for s in missing):
             logging.info("FER+: rebuilding to add split(s) %s found in %s", missing, manual_dir)
-            _prepare(builder, manual_dir, rebuild=True)
+            rebuild = True
+    source = _prepare(builder, manual_dir, _ferplus_entries(), rebuild, _ferplus_label_file)
     for split in required:
         if split not in builder.info.splits:
             raise DataError(ferplus.missing_split_message(split, manual_dir))
-    skipped = dict(builder.info.metadata.get("not_in_ferplus", {}) or {})
+    at_source = ferplus.source_drops(builder.info.metadata)  # {split: {rule: rows}} left out when built
     splits = {}
     for split in SPLITS:
         if split not in builder.info.splits:
@@ -144,9 +191,9 @@ def _load_ferplus(config, required: Sequence[str]) -> Dataset:
         # Validation and test are always scored against majority labels.
         mode = label_mode if split == "train" else "majority"
         keep, targets, counts = labels.apply_label_mode(data["votes"], mode)
-        if skipped.get(split):
-            counts["total"] += skipped[split]
-            counts["dropped_not_in_ferplus"] = skipped[split]
+        for rule, rows in at_source.get(split, {}).items():
+            counts["total"] += rows
+            counts[f"dropped_{rule}"] = rows
         splits[split] = Split(
             images=data["image"][keep],
             targets=targets,
@@ -154,7 +201,7 @@ def _load_ferplus(config, required: Sequence[str]) -> Dataset:
             counts=counts,
             file_names=data["file_name"][keep],
         )
-    return Dataset("ferplus", labels.EMOTIONS, splits)
+    return Dataset("ferplus", labels.EMOTIONS, splits, source)
 
 
 def _load_ckplus(config) -> Dataset:
@@ -174,7 +221,11 @@ def _load_ckplus(config) -> Dataset:
         data_dir=_option(config, "data_dir"),
         allow_center_crop=allow_center_crop,
     )
-    _prepare(builder, _option(config, "manual_dir"))
+    manual_dir = _option(config, "manual_dir")
+    layout = "official" if name == "official" else "ckplus48"
+    entries = [] if manual_dir is None else ckplus.source_entries(manual_dir, layout)
+    source = _prepare(builder, manual_dir, entries, bool(_option(config, "rebuild")),
+                      ckplus.is_label_file)
     data = _read(builder, "train")
     if data["center_cropped"].any() and not allow_center_crop:
         failed = data["file_name"][data["center_cropped"]]
@@ -211,7 +262,7 @@ def _load_ckplus(config) -> Dataset:
             },
             file_names=data["file_name"][index],
         )
-    return Dataset("ckplus", ckplus.CLASS_NAMES, splits)
+    return Dataset("ckplus", ckplus.CLASS_NAMES, splits, source)
 
 
 def load(config: ml_collections.ConfigDict, required: Sequence[str] = ("train", "validation")) -> Dataset:

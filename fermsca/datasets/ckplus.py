@@ -174,6 +174,23 @@ def crop_faces(paths: Sequence[str], allow_center_crop: bool = False) -> tuple[n
     return crops, centered
 
 
+def is_label_file(name: str) -> bool:
+    """The official release's label files (CK+48 keeps labels in its folder names)."""
+    return name.endswith("_emotion.txt")
+
+
+def source_entries(manual_dir: str, layout: str) -> list[str]:
+    """The files and folders under `manual_dir` that a build of `layout` reads (for its fingerprint)."""
+    if not os.path.isdir(manual_dir):
+        return []
+    if layout == "official":
+        found = [_find_folder(manual_dir, name) for name in (IMAGES_FOLDER, EMOTION_FOLDER)]
+        return [os.path.relpath(f, manual_dir) for f in found if f]
+    if os.path.isdir(os.path.join(manual_dir, CKPLUS48_FOLDER)):
+        return [CKPLUS48_FOLDER]
+    return [d for d in CLASS_NAMES if os.path.isdir(os.path.join(manual_dir, d))]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading CK+48.
 
@@ -292,6 +309,7 @@ class Ckplus(tfds.core.GeneratorBasedBuilder):
   booktitle={CVPR Workshops},
   year={2010}
 }""",
+            metadata=tfds.core.MetadataDict(),
             disable_shuffling=True,
         )
 

@@ -1,0 +1,82 @@
+"""What every command-line entry point shares: one-line errors and documented exit statuses.
+
+Exit statuses (README, "When things go wrong"):
+  0   done
+  1   predict only: some inputs could not be used (the others were processed)
+  2   an anticipated error: bad data, config, checkpoint or arguments; one line on stderr says what
+      and where (`--verbose` adds the traceback)
+  75  pre-empted (SIGTERM): a checkpoint was saved; rerun the same command to resume
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, missing or out of range; the message names the field."""
+
+
+class Preempted(Exception):  # noqa: N818 - an event, not a failure
+    """SIGTERM arrived; what could be saved was saved."""
+
+
+def anticipated_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or a bad environment, not a bug: reported in one line."""
+    from fermsca import checkpoint
+    from fermsca.datasets import DataError
+
+    found = [ConfigError, DataError, ValueError, OSError, checkpoint.CheckpointError,
+             FloatingPointError, MemoryError]
+    try:
+        from fermsca import faces
+
+        found.append(faces.FaceDetectorError)
+    except ImportError:  # OpenCV missing: its own ImportError is then the one-line error
+        pass
+    return tuple(found)
+
+
+def one_line(error: BaseException) -> str:
+    """`error: <message>`: the message is the error's own; multi-line messages (file lists) stay."""
+    message = str(error).strip() or type(error).__name__
+    return f"error: {message}"
+
+
+def run(body: Callable[[], int | None], verbose: bool = False) -> int:
+    """Runs `body`, turning anticipated errors into one line on stderr and `EXIT_ERROR`, and a
+    pre-emption into `EXIT_PREEMPTED`. With `verbose`, the traceback is printed as well."""
+    try:
+        status = body()
+    except Preempted as p:
+        print(str(p) or "pre-empted", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except anticipated_errors() as e:
+        if verbose:
+            traceback.print_exc()
+        print(one_line(e), file=sys.stderr)
+        return EXIT_ERROR
+    return 0 if status is None else int(status)
+
+
+def raise_on_sigterm() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM raises `Preempted` in the main thread (e.g.
+    while data is being built, before there is anything to save)."""
+
+    def handle(signum, frame):
+        logging.warning("SIGTERM received before training started: stopping")
+        raise Preempted("pre-empted (SIGTERM) before training started: nothing to save; "
+                        "rerun the same command")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
