@@ -215,6 +215,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     config = ferplus.get_config()
     config.batch_size = batch_size
+    config.model.conv_impl = "xla"  # the first trainer is the XLA row; oneDNN gets its own below
     num_classes = 8
     trainer = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=train.make_mesh())
     model = trainer.model

@@ -85,8 +85,7 @@ def _worker(variant: str, seconds: float) -> dict:
         models.max_pool_3x3_same = separable_max_pool_3x3
     if "fermsca_batchnorm" not in levers:
         models.BatchNorm = nn.BatchNorm
-    if "onednn_conv" in levers:
-        config.model.conv_impl = "onednn"
+    config.model.conv_impl = "onednn" if "onednn_conv" in levers else "xla"
     if "no_donation" in levers:
         jit = jax.jit
 

@@ -132,8 +132,7 @@ def build_step(step: str, batch_size: int, conv_impl: str | None):
 
     config = ferplus.get_config()
     config.batch_size = batch_size
-    if conv_impl:
-        config.model.conv_impl = conv_impl
+    config.model.conv_impl = conv_impl or "xla"
     trainer = train.Trainer(config, 8, steps_per_epoch=1000, mesh=train.make_mesh())
     state = trainer.init_state()
     raw, targets = bench.random_batch(batch_size, 8)

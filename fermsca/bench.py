@@ -87,7 +87,7 @@ def model_step(state, images: jax.Array, targets: jax.Array, *, model, tx):
 
 
 def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
-    from fermsca import train
+    from fermsca import models, train
 
     config.batch_size = batch_size
     num_classes = 8
@@ -103,7 +103,8 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
     compiled = trainer.train_step.lower(state, batch, key).compile()
     compile_seconds = time.perf_counter() - t0
     step_flops = _cost_flops(compiled)
-    if config.model.get("conv_impl", "xla") != "xla":
+    conv_impl = models.resolve_conv_impl(config.model.conv_impl)
+    if conv_impl != "xla":
         # XLA counts no FLOPs inside custom calls: count the same step (same mathematics) on XLA's path.
         reference = config.copy_and_resolve_references()
         reference.model.conv_impl = "xla"
@@ -129,7 +130,7 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
         "step_gflop": step_flops / 1e9 if step_flops else None,
         "achieved_gflops": step_flops * steps / elapsed / 1e9 if step_flops else None,
         "dtype": config.model.dtype,
-        "conv_impl": config.model.get("conv_impl", "xla"),
+        "conv_impl": conv_impl,
         "fuse_projection": config.model.get("fuse_projection", False),
         "hugepage_malloc": hostenv.hugepage_malloc_active(),
         "device_kind": jax.devices()[0].device_kind,

@@ -18,7 +18,7 @@ IMAGE_SIZE = 48
 DATASETS = ("synthetic_faces", "ferplus", "ckplus")
 LABEL_MODES = ("majority", "crossentropy", "probability", "multi_target")
 DTYPES = ("float32", "bfloat16", "float16")
-CONV_IMPLS = ("xla", "onednn")
+CONV_IMPLS = ("auto", "xla", "onednn")
 LOSSES = ("cosine", "cross_entropy")
 SCHEDULES = ("table1", "constant")
 

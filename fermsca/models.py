@@ -18,6 +18,7 @@ Run `python -m fermsca.models` for a per-layer summary with parameter count and 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,21 +29,69 @@ import jax.numpy as jnp
 from fermsca.pooling import max_pool_2x2, max_pool_3x3_same
 
 Dtype = Any
-CONV_IMPLS = ("xla", "onednn")
+log = logging.getLogger(__name__)
+# config.model.conv_impl: "auto" (oneDNN where it can run, see `resolve_conv_impl`), "xla" or "onednn".
+# The paths share parameters and mathematics; only the speed differs.
+CONV_IMPLS = ("auto", "xla", "onednn")
 
 
-def conv_function(conv_impl: str):
-    """The `conv_general_dilated` for `nn.Conv`: None (XLA's) for "xla", or the oneDNN custom call
-    (`fermsca.onednn_conv`, an optional CPU fast path with the same mathematics) for "onednn"."""
-    if conv_impl == "xla":
-        return None
+def _check_conv_impl(conv_impl: str) -> None:
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"config.model.conv_impl={conv_impl!r}: expected one of {list(CONV_IMPLS)}")
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+    """The convolution path that `conv_impl` runs on: "xla" or "onednn".
+
+    "auto": oneDNN (`fermsca.onednn_conv`) on a CPU backend on x86-64 Linux when its extension builds
+    and loads, XLA otherwise (GPU, other CPUs, FERMSCA_ONEDNN=0); never fails, and warns once when
+    oneDNN should run here but cannot. "onednn" raises when unavailable. Cached: the check (and the
+    g++ build, itself cached on disk) happens once per process, when a model is first traced.
+    """
+    _check_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        return _resolve_auto(jax.default_backend())
     if conv_impl == "onednn":
         from fermsca import onednn_conv
 
         if not onednn_conv.available():
-            raise RuntimeError(f"conv_impl='onednn' is unavailable: {onednn_conv.unavailable_reason()}")
-        return onednn_conv.conv_general_dilated
-    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {CONV_IMPLS}")
+            raise RuntimeError(
+                f"config.model.conv_impl='onednn' is unavailable: {onednn_conv.unavailable_reason()}")
+    return conv_impl
+
+
+@functools.cache
+def _resolve_auto(backend: str) -> str:
+    if backend != "cpu":
+        return "xla"  # accelerators: XLA's own convolution libraries
+    from fermsca import onednn_conv
+
+    if not onednn_conv.supported_platform():
+        log.info("config.model.conv_impl='auto': XLA convolutions (the oneDNN path is x86-64 Linux only)")
+        return "xla"
+    if onednn_conv.disabled():
+        log.info("config.model.conv_impl='auto': XLA convolutions (FERMSCA_ONEDNN=0)")
+        return "xla"
+    reason = onednn_conv.unavailable_reason()
+    if reason is None:
+        return "onednn"
+    log.warning(
+        "config.model.conv_impl='auto': oneDNN convolutions unavailable (%s); convolutions run on XLA, "
+        "about 1.7-3x slower on this CPU. To fix: install g++ (apt-get install g++) or set CXX to a C++ "
+        "compiler, and oneDNN (pip install -e .); conv_impl=onednn shows the whole error, "
+        "conv_impl=xla silences this.", (reason.splitlines() or ["no reason given"])[0][:300])
+    return "xla"
+
+
+def conv_function(conv_impl: str):
+    """The `conv_general_dilated` for `nn.Conv` under `conv_impl` ("auto", "xla" or "onednn", see
+    `resolve_conv_impl`): None (XLA's) or the oneDNN custom call (`fermsca.onednn_conv`, a CPU fast
+    path with the same mathematics)."""
+    if resolve_conv_impl(conv_impl) == "xla":
+        return None
+    from fermsca import onednn_conv
+
+    return onednn_conv.conv_general_dilated
 
 
 class BatchNorm(nn.Module):
@@ -264,7 +313,7 @@ class FERNet(nn.Module):
     se_reduction: int = 8
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    conv_impl: str = "xla"  # "xla" | "onednn" (CPU custom call, same mathematics)
+    conv_impl: str = "xla"  # "auto" | "xla" | "onednn" (CPU custom call, same mathematics)
     fuse_projection: bool = False  # see ResidualBlock
 
     @nn.compact
@@ -291,10 +340,18 @@ class FERNet(nn.Module):
 
 
 def from_config(config: Any, num_classes: int) -> FERNet:
-    """Builds `FERNet` from the `model` sub-config (see configs/default.py)."""
+    """Builds `FERNet` from the `model` sub-config (see configs/default.py).
+
+    conv_impl "auto" is resolved when the model is first traced (`resolve_conv_impl`), so building a
+    model only to load, check or export weights never compiles the oneDNN extension.
+    """
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     if config.dtype not in dtypes:
         raise ValueError(f"config.model.dtype={config.dtype!r}: expected one of {sorted(dtypes)}")
+    conv_impl = config.get("conv_impl", "auto")
+    _check_conv_impl(conv_impl)
+    if conv_impl == "auto" and config.dtype != "float32":
+        conv_impl = "xla"  # oneDNN takes float32 convolutions only: no extension to build for nothing
     return FERNet(
         num_classes=num_classes,
         stem_width=config.stem_width,
@@ -304,7 +361,7 @@ def from_config(config: Any, num_classes: int) -> FERNet:
         se_reduction=config.se_reduction,
         dropout_rate=config.get("dropout_rate", 0.0),
         dtype=dtypes[config.dtype],
-        conv_impl=config.get("conv_impl", "xla"),
+        conv_impl=conv_impl,
         fuse_projection=config.get("fuse_projection", False),
     )
 

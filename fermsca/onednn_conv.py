@@ -1,4 +1,7 @@
-"""Optional CPU fast path for 2-D convolutions: oneDNN primitives called from XLA through `jax.ffi`.
+"""CPU fast path for 2-D convolutions: oneDNN primitives called from XLA through `jax.ffi`.
+
+The default on x86-64 Linux CPUs (`config.model.conv_impl = "auto"`, resolved by
+`models.resolve_conv_impl`); "onednn" requires it, "xla" never uses it.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (as `flax.linen.Conv` calls it,
 `nn.Conv(..., conv_general_dilated=onednn_conv.conv_general_dilated)`). Float32 NHWC / HWIO
@@ -9,11 +12,11 @@ missing) goes to `jax.lax.conv_general_dilated` unchanged.
 
 The C++ source (`csrc/onednn_conv.cc`) is compiled with g++ on first use into a cache directory
 (`$FERMSCA_CACHE_DIR`, default `~/.cache/fermsca`), keyed by the source, jaxlib and oneDNN versions.
-It needs g++ and oneDNN's TBB build from PyPI (`pip install onednn-cpu-tbb onednn-devel-cpu-tbb
+It needs g++ and oneDNN's TBB build from PyPI (`onednn-cpu-tbb onednn-devel-cpu-tbb
 intel-cmplr-lib-rt`: the runtime library, the headers, and the compiler runtime that library links
-against), or a CPU build of oneDNN under `$DNNLROOT`. The extension is linked with an rpath to
-oneDNN's lib directory, so no LD_LIBRARY_PATH is needed. `available()` / `unavailable_reason()` say
-whether the path can be used.
+against; `pip install -e .` installs them on x86-64 Linux), or a CPU build of oneDNN under
+`$DNNLROOT`. The extension is linked with an rpath to oneDNN's lib directory, so no LD_LIBRARY_PATH
+is needed. `available()` / `unavailable_reason()` say whether the path can be used.
 
 Threads: oneDNN runs each primitive on all cores of the process's affinity mask (TBB;
 `OMP_NUM_THREADS` does not apply). Concurrent custom calls (the two backward convolutions, one per
@@ -35,6 +38,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -59,7 +63,8 @@ TARGETS = {
     "bwd_data": "fermsca_onednn_conv_bwd_data",
     "bwd_weights": "fermsca_onednn_conv_bwd_weights",
 }
-INSTALL_HINT = "pip install 'fermsca[onednn]' (onednn-cpu-tbb onednn-devel-cpu-tbb intel-cmplr-lib-rt)"
+INSTALL_HINT = ("pip install -e . (on x86-64 Linux it installs onednn-cpu-tbb onednn-devel-cpu-tbb "
+                "intel-cmplr-lib-rt)")
 
 # Memory layout policy handed to the C++ side (see csrc/onednn_conv.cc):
 #   0: activations stay NHWC, oneDNN picks the kernel layout (kernel reordered per call),
@@ -250,6 +255,16 @@ def build(force: bool = False) -> Path:
     return target
 
 
+def supported_platform() -> bool:
+    """True on x86-64 Linux, the only platform the PyPI oneDNN builds (and so this path) install on."""
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+
+
+def disabled() -> bool:
+    """True when `FERMSCA_ONEDNN=0` turns the fast path off (a choice, not a failure)."""
+    return os.environ.get("FERMSCA_ONEDNN", "1") == "0"
+
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -262,7 +277,7 @@ def _load() -> ctypes.CDLL:
         if "error" in _state:
             raise OneDNNUnavailable(_state["error"])
         try:
-            if os.environ.get("FERMSCA_ONEDNN", "1") == "0":
+            if disabled():
                 raise OneDNNUnavailable("disabled by FERMSCA_ONEDNN=0")
             path = build()
             try:
@@ -518,7 +533,7 @@ def plan(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
          feature_group_count=1, batch_group_count=1, preferred_element_type=None,
          layout: int = DEFAULT_LAYOUT) -> ConvConfig | str:
     """The oneDNN configuration for a convolution, or a string saying why it goes to XLA instead."""
-    if os.environ.get("FERMSCA_ONEDNN", "1") == "0":
+    if disabled():
         return "disabled by FERMSCA_ONEDNN=0"
     if np.ndim(lhs) != 4 or np.ndim(rhs) != 4:
         return "not a 2-D convolution"

@@ -1,5 +1,5 @@
-"""Test session set-up: one JAX compilation cache for this run, shared by its workers and by the
-training runs the tests start as subprocesses (they compile the same tiny steps again and again).
+"""Test session set-up: a JAX compilation cache for this run, shared with the training runs the
+tests start as subprocesses (they compile the same tiny steps again and again).
 
 The cache is new for every test run, so no test depends on what an earlier run left behind.
 """
@@ -11,9 +11,11 @@ import pytest
 
 
 def _session_cache_dir() -> str:
-    # Under pytest-xdist every worker gets its own base temp; their parent is this run's own.
+    # One per test run and pytest-xdist worker: JAX writes cache entries in place, so two workers
+    # sharing one could read each other's half-written entries.
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-    return os.path.join(tempfile.gettempdir(), f"fermsca-test-jax-cache-{run_id}")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return os.path.join(tempfile.gettempdir(), f"fermsca-test-jax-cache-{run_id}-{worker}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,8 @@ import pytest
 
 from fermsca import models
 
+pytestmark = pytest.mark.slow  # a benchmark's helper: CI checks it after the suite
+
 torch = pytest.importorskip("torch", reason="PyTorch is optional: pip install torch (CPU build)")
 from experiments import compare_pytorch  # noqa: E402
 

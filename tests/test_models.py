@@ -1,5 +1,6 @@
 """FERNet and its parts against NumPy references of eqs. (1)-(3) and of plain convolution."""
 
+import logging
 import time
 
 import flax.linen as nn
@@ -397,11 +398,132 @@ def test_from_config_compute_switches():
     model = models.from_config(model_config(conv_impl="xla", fuse_projection=True), 8)
     assert (model.conv_impl, model.fuse_projection) == ("xla", True)
     assert not models.from_config(model_config(), 8).fuse_projection  # absent fields: the defaults
-    bad = models.from_config(model_config(conv_impl="cudnn", dtype="float32"), 8)
-    with pytest.raises(ValueError, match="conv_impl='cudnn'"):
-        bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
 
 
+def test_unknown_conv_impl_names_the_config_field():
+    with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cudnn': expected one of"):
+        models.from_config(model_config(conv_impl="cudnn", dtype="float32"), 8)
+    with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cudnn'"):
+        models.resolve_conv_impl("cudnn")
+    with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cudnn'"):  # a module built directly
+        models.FERNet(**SMALL, conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv_impl "auto": oneDNN on an x86-64 Linux CPU where its extension builds, XLA everywhere else
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """`fermsca.onednn_conv` as resolution sees it, faked: `set(backend, reason, platform)`, where
+    reason None means the extension builds and loads; records each availability query."""
+    from fermsca import onednn_conv
+
+    queries = []
+    monkeypatch.delenv("FERMSCA_ONEDNN", raising=False)
+
+    def fake(backend="cpu", reason=None, platform=True):
+        def unavailable_reason():
+            queries.append(backend)
+            return reason
+
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        monkeypatch.setattr(onednn_conv, "unavailable_reason", unavailable_reason)
+        monkeypatch.setattr(onednn_conv, "available", lambda: unavailable_reason() is None)
+        monkeypatch.setattr(onednn_conv, "supported_platform", lambda: platform)
+
+    fake.queries = queries
+    fake.module = onednn_conv
+    models._resolve_auto.cache_clear()
+    yield fake
+    models._resolve_auto.cache_clear()
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_auto_is_onednn_on_a_cpu_where_it_builds(onednn, caplog):
+    onednn(backend="cpu")
+    assert models.resolve_conv_impl("auto") == "onednn"
+    assert models.conv_function("auto") is onednn.module.conv_general_dilated
+    assert models.resolve_conv_impl("auto") == "onednn"
+    assert onednn.queries == ["cpu"]  # cached: asked once per process
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cuda", "tpu"])
+def test_auto_is_xla_on_accelerators_without_asking_for_onednn(onednn, caplog, backend):
+    onednn(backend=backend)
+    assert models.resolve_conv_impl("auto") == "xla"
+    assert models.conv_function("auto") is None
+    assert onednn.queries == [] and _warnings(caplog) == []  # no g++ build to decide
+
+
+def test_auto_falls_back_to_xla_with_one_warning_line(onednn, caplog):
+    onednn(backend="cpu", reason="C++ compiler 'g++' not found on PATH; the oneDNN convolution "
+                                 "extension is compiled on first use\nsecond line of detail")
+    with caplog.at_level(logging.INFO, logger="fermsca.models"):
+        assert [models.resolve_conv_impl("auto") for _ in range(3)] == ["xla"] * 3
+        assert models.conv_function("auto") is None
+        model = models.FERNet(**SMALL, conv_impl="auto")  # every convolution of a trace asks again
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+    (warning,) = _warnings(caplog)
+    assert "\n" not in warning and "second line" not in warning
+    assert "config.model.conv_impl='auto'" in warning and "'g++' not found" in warning
+    assert "run on XLA" in warning and "1.7-3x slower" in warning  # what it costs
+    assert "install g++" in warning and "set CXX" in warning  # how to fix it
+    assert onednn.queries == ["cpu"]
+
+
+@pytest.mark.parametrize("why", ["other_cpu", "disabled"])
+def test_auto_is_xla_quietly_where_oneDNN_is_not_meant_to_run(onednn, caplog, monkeypatch, why):
+    onednn(backend="cpu", reason="never asked", platform=why != "other_cpu")
+    if why == "disabled":
+        monkeypatch.setenv("FERMSCA_ONEDNN", "0")
+    assert models.resolve_conv_impl("auto") == "xla"
+    assert onednn.queries == [] and _warnings(caplog) == []
+
+
+def test_explicit_conv_impl_is_kept(onednn):
+    onednn(backend="gpu")
+    assert models.resolve_conv_impl("onednn") == "onednn"  # per-convolution XLA fallback off the CPU
+    onednn(backend="cpu")
+    assert models.resolve_conv_impl("xla") == "xla"
+    assert models.conv_function("xla") is None
+    assert models.conv_function("onednn") is onednn.module.conv_general_dilated
+
+
+def test_explicit_onednn_fails_loudly_when_unavailable(onednn, caplog):
+    onednn(backend="cpu", reason="compiling onednn_conv.cc failed (exit 1)")
+    with pytest.raises(RuntimeError, match=r"config\.model\.conv_impl='onednn' is unavailable: compiling"):
+        models.resolve_conv_impl("onednn")
+    with pytest.raises(RuntimeError, match="is unavailable"):
+        models.FERNet(**SMALL, conv_impl="onednn").init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+    assert models.resolve_conv_impl("auto") == "xla"  # while "auto" only warns
+    assert len(_warnings(caplog)) == 1
+
+
+def test_from_config_defers_auto_to_the_trace(onednn):
+    """Building a model (to load or export weights) compiles nothing; only float32 can use oneDNN."""
+    onednn(backend="cpu")
+    without = model_config(dtype="float32")
+    assert models.from_config(without, 8).conv_impl == "auto"  # absent: the default
+    assert models.from_config(model_config(conv_impl="auto", dtype="float32"), 8).conv_impl == "auto"
+    assert models.from_config(model_config(conv_impl="auto", dtype="bfloat16"), 8).conv_impl == "xla"
+    assert models.from_config(model_config(conv_impl="onednn", dtype="float32"), 8).conv_impl == "onednn"
+    assert onednn.queries == []
+
+
+def test_default_config_asks_for_auto():
+    from configs import default
+    from fermsca import config_schema
+
+    assert default.get_config().model.conv_impl == "auto"
+    assert config_schema.CONV_IMPLS == models.CONV_IMPLS
+
+
+@pytest.mark.slow  # the fused projection is off by default (it measured no faster)
 @pytest.mark.parametrize("use_bn", [True, False])
 def test_fused_projection_same_parameters_outputs_and_gradients(use_bn):
     """One convolution for the 1x1 branch + the projection: identical variables (names, shapes, init

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from experiments import profile_step
 from fermsca import bench, models, train
@@ -20,6 +21,7 @@ def small_step_hlo():
     return step.lower(state, x, jnp.eye(8)[:4]).compile().as_text()
 
 
+@pytest.mark.slow  # compiles the full-width train step
 def test_every_convolution_is_classified_and_placed():
     instructions, computations = profile_step.parse_hlo(small_step_hlo())
     kinds = {name: profile_step.classify(line, computations) for name, line in instructions.items()}
