@@ -83,10 +83,13 @@ def _resolve_auto(backend: str) -> str:
     return "xla"
 
 
-def conv_function(conv_impl: str):
+def conv_function(conv_impl):
     """The `conv_general_dilated` for `nn.Conv` under `conv_impl` ("auto", "xla" or "onednn", see
     `resolve_conv_impl`): None (XLA's) or the oneDNN custom call (`fermsca.onednn_conv`, a CPU fast
-    path with the same mathematics)."""
+    path with the same mathematics). A function given as conv_impl (a drop-in for
+    `jax.lax.conv_general_dilated`, e.g. `crossval.fold_conv`) is returned as it is."""
+    if callable(conv_impl):
+        return conv_impl
     if resolve_conv_impl(conv_impl) == "xla":
         return None
     from fermsca import onednn_conv
