@@ -5,6 +5,7 @@ The cache is new for every test run, so no test depends on what an earlier run l
 """
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -25,4 +26,5 @@ def compilation_cache():
     directory = _session_cache_dir()
     os.environ[hostenv.CACHE_ENV] = directory  # inherited by `python -m fermsca.*` subprocesses
     hostenv.enable_compilation_cache(directory)
-    return directory
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
