@@ -18,10 +18,6 @@ import pytest
 
 from fermsca import checkpoint
 
-# One worker runs them all: the tiny reference run and the synthetic set are built once, and the
-# compiled steps are shared through the compilation cache.
-pytestmark = pytest.mark.xdist_group("train_driver")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.model.stem_width=8",
