@@ -618,6 +618,7 @@ def test_real_kaggle_csv_gives_the_folders_images(real):
                 assert labels.apply_label_mode(votes, mode)[2]["kept"] == kept, (layout, split, mode)
 
 
+@pytest.mark.slow  # builds the real FER+ set from the csv layout (about 20 s)
 def test_real_kaggle_csv_builds(real, tmp_path):
     data = datasets.load(_config(real.kaggle, tmp_path / "tfds"), required=ALL_SPLITS)
     for split in ("train", "validation"):
