@@ -87,12 +87,12 @@ def model_step(state, images: jax.Array, targets: jax.Array, *, model, tx):
 
 
 def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
-    from fermsca import models, train
+    from fermsca import config_schema, models, train
 
     config.batch_size = batch_size
     num_classes = 8
     mesh = train.make_mesh()
-    train.check_batch_size("batch_size", batch_size)
+    config_schema.check_batch_size("batch_size", batch_size, jax.device_count(), jax.process_count())
     trainer = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=mesh)
     state = trainer.init_state()
     images, targets = random_batch(batch_size, num_classes)

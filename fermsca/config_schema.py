@@ -12,14 +12,13 @@ from typing import Any
 
 import ml_collections
 
+from fermsca import losses, models
 from fermsca.cli import ConfigError
+from fermsca.datasets import labels
 
 IMAGE_SIZE = 48
 DATASETS = ("synthetic_faces", "ferplus", "ckplus")
-LABEL_MODES = ("majority", "crossentropy", "probability", "multi_target")
 DTYPES = ("float32", "bfloat16", "float16")
-CONV_IMPLS = ("auto", "xla", "onednn")
-LOSSES = ("cosine", "cross_entropy")
 SCHEDULES = ("table1", "constant")
 
 
@@ -81,7 +80,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "dataset.name": _one_of(*DATASETS),
     "dataset.data_dir": _text_or_none,
     "dataset.manual_dir": _text_or_none,
-    "dataset.label_mode": _one_of(*LABEL_MODES),
+    "dataset.label_mode": _one_of(*labels.LABEL_MODES),
     "dataset.builder_config": _one_of("official", "ckplus48"),
     "dataset.frames_per_sequence": _at_least(1),
     "dataset.allow_center_crop": _bool,
@@ -99,9 +98,9 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model.se_reduction": _at_least(1),
     "model.dropout_rate": _fraction,
     "model.dtype": _one_of(*DTYPES),
-    "model.conv_impl": _one_of(*CONV_IMPLS),
+    "model.conv_impl": _one_of(*models.CONV_IMPLS),
     "model.fuse_projection": _bool,
-    "loss": _one_of(*LOSSES),
+    "loss": _one_of(*losses.LOSSES),
     "optimizer.schedule": _one_of(*SCHEDULES),
     "optimizer.learning_rate": _positive_number,
     "optimizer.boundary_epochs": _numbers,
@@ -184,10 +183,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1, process_c
         if list(boundaries) != sorted(boundaries):
             raise ConfigError(f"config.optimizer.boundary_epochs={tuple(boundaries)}: must increase")
     for name in ("batch_size", "eval_batch_size"):
-        size = config[name]
-        if size % device_count or size % process_count:
-            good = max(device_count, process_count) * max(1, round(size / max(device_count,
-                                                                                process_count)))
-            raise ConfigError(
-                f"config.{name}={size} must be divisible by the number of devices "
-                f"({device_count}) and processes ({process_count}); e.g. use {good}")
+        check_batch_size(name, config[name], device_count, process_count)
+
+
+def check_batch_size(name: str, size: int, device_count: int, process_count: int) -> None:
+    """ConfigError unless the global batch `config.<name>` divides over the devices and processes."""
+    if size % device_count or size % process_count:
+        good = max(device_count, process_count) * max(1, round(size / max(device_count, process_count)))
+        raise ConfigError(
+            f"config.{name}={size} must be divisible by the number of devices "
+            f"({device_count}) and processes ({process_count}); e.g. use {good}")

@@ -142,15 +142,6 @@ def make_mesh() -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def check_batch_size(name: str, batch_size: int) -> None:
-    devices, processes = jax.device_count(), jax.process_count()
-    if batch_size % devices or batch_size % processes:
-        raise ValueError(
-            f"config.{name}={batch_size} must be divisible by the number of devices "
-            f"({devices}) and processes ({processes}); e.g. use "
-            f"{max(devices, processes) * max(1, round(batch_size / devices))}")
-
-
 def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 

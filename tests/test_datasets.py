@@ -139,7 +139,9 @@ def test_a_changed_label_file_changes_the_fingerprint(tmp_path):
     (tmp_path / "FER2013Train").mkdir()
     label = tmp_path / "FER2013Train" / "label.csv"
     label.write_text("fer0000000.png,4,3,0,0,0,0,0,0,0,3\n")
-    is_label = datasets._ferplus_label_file
+    from fermsca.datasets import ferplus
+
+    is_label = ferplus.is_label_file
     before = source_fingerprint(str(tmp_path), ["FER2013Train", "fer2013.csv"], is_label)
     label.write_text("fer0000000.png,3,4,0,0,0,0,0,0,0,3\n")  # same size, other votes
     after = source_fingerprint(str(tmp_path), ["FER2013Train", "fer2013.csv"], is_label)

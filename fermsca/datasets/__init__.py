@@ -8,7 +8,6 @@ source layouts, manual download steps, label modes and measured counts.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -135,14 +134,6 @@ def _stale_message(builder: tfds.core.DatasetBuilder, stored: dict | None, found
     )
 
 
-def _ferplus_entries() -> list[str]:
-    return [*ferplus.SPLIT_FOLDERS.values(), ferplus.FER_CSV, ferplus.FERPLUS_CSV]
-
-
-def _ferplus_label_file(name: str) -> bool:
-    return os.path.basename(name) in (ferplus.LABEL_FILE, ferplus.FERPLUS_CSV)
-
-
 def _load_synthetic(config) -> Dataset:
     builder = synthetic_faces.SyntheticFaces(data_dir=_option(config, "data_dir"))
     _prepare(builder, None)
@@ -163,7 +154,7 @@ def _load_synthetic(config) -> Dataset:
 def build_ferplus(manual_dir: str | None, data_dir: str | None, rebuild: bool = False):
     """The FER+ TFDS builder, built from `manual_dir` if needed (fingerprint-checked as in `load`)."""
     builder = ferplus.Ferplus(data_dir=data_dir)
-    _prepare(builder, manual_dir, _ferplus_entries(), rebuild, _ferplus_label_file)
+    _prepare(builder, manual_dir, ferplus.SOURCE_ENTRIES, rebuild, ferplus.is_label_file)
     return builder
 
 
@@ -178,7 +169,7 @@ def _load_ferplus(config, required: Sequence[str]) -> Dataset:
         if any(s in ferplus.find_sources(manual_dir) for s in missing):
             logging.info("FER+: rebuilding to add split(s) %s found in %s", missing, manual_dir)
             rebuild = True
-    source = _prepare(builder, manual_dir, _ferplus_entries(), rebuild, _ferplus_label_file)
+    source = _prepare(builder, manual_dir, ferplus.SOURCE_ENTRIES, rebuild, ferplus.is_label_file)
     for split in required:
         if split not in builder.info.splits:
             raise DataError(ferplus.missing_split_message(split, manual_dir))

@@ -324,6 +324,14 @@ def _compare_pixels(
                 )
 
 
+# What a build reads under manual_dir (for its source fingerprint), and which of it are label files.
+SOURCE_ENTRIES = (*SPLIT_FOLDERS.values(), FER_CSV, FERPLUS_CSV)
+
+
+def is_label_file(name: str) -> bool:
+    return os.path.basename(name) in (LABEL_FILE, FERPLUS_CSV)
+
+
 def find_sources(manual_dir: str) -> dict[str, str]:
     """Which layout provides each split in `manual_dir`: {split: 'folder' | 'csv'}."""
     sources = {}
