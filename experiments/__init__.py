@@ -1,4 +1,4 @@
-"""One module per study of the paper (Tables 2-4) and per question it leaves open; see README.md.
+"""The paper's studies (`experiments.paper`) and the speed tools (`experiments.perf`); see README.md.
 
-Run from the repository root, e.g. `python -m experiments.table3_ablation --quick`.
+Run from the repository root, e.g. `python -m experiments.paper.table3_ablation --quick`.
 """

@@ -1,4 +1,4 @@
-"""The PyTorch mirror of FERNet used by experiments/compare_pytorch.py: same parameters, same logits.
+"""The PyTorch mirror of FERNet used by experiments/perf/compare_pytorch.py: same parameters, same logits.
 
 PyTorch is optional (not a fermsca dependency); CI installs the CPU build so these run there.
 """
@@ -13,7 +13,7 @@ from fermsca import models
 pytestmark = pytest.mark.slow  # a benchmark's helper: CI checks it after the suite
 
 torch = pytest.importorskip("torch", reason="PyTorch is optional: pip install torch (CPU build)")
-from experiments import compare_pytorch  # noqa: E402
+from experiments.perf import compare_pytorch  # noqa: E402
 
 
 @pytest.mark.parametrize("use_bn,use_se", [(True, True), (False, False)])

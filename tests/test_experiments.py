@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import common, report, scaling, table3_ablation, table4_compare
+from experiments.paper import common, report, scaling, table3_ablation, table4_compare
 
 
 def fake_results(accuracy: float, dataset: str = "synthetic_faces", split: str = "test",

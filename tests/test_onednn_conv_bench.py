@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from experiments import onednn_conv_bench
+from experiments.perf import onednn_conv_bench
 
 torch = pytest.importorskip("torch", reason="the PyTorch column needs torch (optional)")
 

@@ -1,6 +1,6 @@
 """The lever table's bookkeeping: which levers each variant turns on, and the ratios it prints."""
 
-from experiments import perf_levers
+from experiments.perf import perf_levers
 
 
 def test_cumulative_variants_add_one_lever_each():

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import profile_step
+from experiments.perf import profile_step
 from fermsca import bench, models, train
 
 

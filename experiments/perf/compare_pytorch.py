@@ -1,7 +1,7 @@
 """fermsca's train step against the same network in PyTorch eager, timed in one run on one machine.
 
     pip install torch            # optional; not a dependency of fermsca
-    python -m experiments.compare_pytorch [--batch_size 128] [--seconds 10] [--rounds 3]
+    python -m experiments.perf.compare_pytorch [--batch_size 128] [--seconds 10] [--rounds 3]
 
 The PyTorch model mirrors `models.FERNet` layer by layer (same widths, SE, BatchNorm momentum and
 epsilon, SAME padding, max-pooling with -inf padding). Before timing, the script checks that both have
@@ -295,7 +295,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
     matmul = bench.matmul_gflops()
     gflop = model_step_flops / batch_size / 1e9 if model_step_flops else None
     record = {
-        "command": "python -m experiments.compare_pytorch",
+        "command": "python -m experiments.perf.compare_pytorch",
         "batch_size": batch_size,
         "seconds_per_measurement": seconds,
         "rounds": rounds,

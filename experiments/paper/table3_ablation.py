@@ -1,11 +1,11 @@
 """Table 3: squeeze-and-excitation and BatchNorm in the multiscale module, on and off.
 
-    python -m experiments.table3_ablation --quick                      # synthetic faces, CPU minutes
-    python -m experiments.table3_ablation --manual_dir /data/ferplus   # FER+, the paper's budget
-    python -m experiments.table3_ablation --dataset ckplus --manual_dir /data/ckplus [--folds 0]
+    python -m experiments.paper.table3_ablation --quick                      # synthetic faces, CPU minutes
+    python -m experiments.paper.table3_ablation --manual_dir /data/ferplus   # FER+, the paper's budget
+    python -m experiments.paper.table3_ablation --dataset ckplus --manual_dir /data/ckplus [--folds 0]
 """
 
-from experiments import common
+from experiments.paper import common
 
 NO, YES = "×", "✓"
 

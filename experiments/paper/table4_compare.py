@@ -1,7 +1,7 @@
 """Table 4: our accuracy beside the published accuracies that the paper's Table 4 lists.
 
-    python -m experiments.table4_compare                       # the default result files, if present
-    python -m experiments.table4_compare path/to/results.json experiments/results/.../ckplus-se1_bn1
+    python -m experiments.paper.table4_compare                       # the default result files, if present
+    python -m experiments.paper.table4_compare path/to/results.json experiments/results/.../ckplus-se1_bn1
 
 Arguments are results.json files or row directories whose fold_*/results.json are averaged. Nothing is
 trained. Published rows are copied from Wang & Zhang 2023, Table 4, with the paper's reference numbers.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments import common
+from experiments.paper import common
 
 STUDY_NAME = "table4_compare"
 
@@ -125,7 +125,7 @@ def markdown(relative_to: Path, sources: Sequence[str] = DEFAULT_SOURCES,
 
 
 def main(argv: Sequence[str] | None = None, results_root: Path = common.RESULTS) -> Path:
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{STUDY_NAME}",
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.paper.{STUDY_NAME}",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="*", default=list(DEFAULT_SOURCES),
                         help="results.json files or row directories (default: %(default)s)")

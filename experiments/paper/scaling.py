@@ -1,8 +1,8 @@
 """Weak and strong scaling of train-step throughput over 1, 2, 4 and 8 devices.
 
-    python -m experiments.scaling --quick            # simulated CPU devices, narrow model, ~7 min
-    python -m experiments.scaling                    # simulated CPU devices, the paper's FERNet
-    python -m experiments.scaling --backend gpu      # the first N visible GPUs, N = 1, 2, 4, 8
+    python -m experiments.paper.scaling --quick            # simulated CPU devices, narrow model, ~7 min
+    python -m experiments.paper.scaling                    # simulated CPU devices, the paper's FERNet
+    python -m experiments.paper.scaling --backend gpu      # the first N visible GPUs, N = 1, 2, 4, 8
 
 Each device count runs in its own process (XLA_FLAGS must be set before JAX starts) and times the
 compiled, sharded train step with `fermsca.bench.benchmark`. Strong scaling keeps the global batch
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from experiments import common
+from experiments.paper import common
 
 STUDY_NAME = "scaling"
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -92,7 +92,7 @@ def table(records: Sequence[dict], mode: str, heading_level: int = 2,
              f"{min(r['load_average'] for r in records):.1f}-"
              f"{max(r['load_average'] for r in records):.1f} before the runs")
     hashes = "#" * heading_level
-    command = f"python -m experiments.scaling{' --quick' if mode == 'quick' else ''}"
+    command = f"python -m experiments.paper.scaling{' --quick' if mode == 'quick' else ''}"
     if not simulated:
         command += " --backend gpu"
     text = (f"{hashes} Scaling of the train step ({mode})\n\n`{command}`\n\nSetup: {setup}. "
@@ -173,7 +173,7 @@ def _config(quick: bool, dtype: str):
 def measure(backend: str, devices: int, global_batch: int, seconds: float, quick: bool,
             dtype: str) -> dict | None:
     """One benchmark in a fresh process; None when fewer than `devices` devices exist."""
-    cmd = [sys.executable, "-m", "experiments.scaling", "--worker", "--worker_devices", str(devices),
+    cmd = [sys.executable, "-m", "experiments.paper.scaling", "--worker", "--worker_devices", str(devices),
            "--global_batch", str(global_batch), "--seconds", str(seconds), "--dtype", dtype]
     if quick:
         cmd.append("--quick")
@@ -217,7 +217,7 @@ def markdown(mode: str, relative_to: Path, heading_level: int = 2,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{STUDY_NAME}",
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.paper.{STUDY_NAME}",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="narrow model, short measurements")
     parser.add_argument("--backend", choices=("cpu", "gpu"), default="cpu",
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seconds = args.seconds or seconds
     counts = args.devices or list(DEVICE_COUNTS)
     out = common.RESULTS / STUDY_NAME / mode
-    command = "python -m experiments.scaling " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.paper.scaling " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.table_only:
         _write_outputs(out, common.load_json(out / "scaling.json")["records"], mode)
         return

@@ -1,13 +1,13 @@
 """Table 2: constant learning rates 1e-2 .. 1e-5 against the Table 1 schedule.
 
-    python -m experiments.table2_lr --quick                      # synthetic faces, minutes on a CPU
-    python -m experiments.table2_lr --manual_dir /data/ferplus   # FER+, the paper's budget
-    python -m experiments.table2_lr --dataset ckplus --manual_dir /data/ckplus [--folds 0]
+    python -m experiments.paper.table2_lr --quick                      # synthetic faces, minutes on a CPU
+    python -m experiments.paper.table2_lr --manual_dir /data/ferplus   # FER+, the paper's budget
+    python -m experiments.paper.table2_lr --dataset ckplus --manual_dir /data/ckplus [--folds 0]
 
 Every row keeps the paper's Adam, loss and epochs; only the learning rate schedule changes.
 """
 
-from experiments import common
+from experiments.paper import common
 
 PAPER = {  # Wang & Zhang 2023, Table 2 (published accuracies)
     "lr_1e-2": {"ferplus": 0.8453, "ckplus": 0.9116},

@@ -1,7 +1,7 @@
 """Gathers every study's results into markdown tables, each row linked to its results.json.
 
-    python -m experiments.report                      # print the tables
-    python -m experiments.report --readme README.md   # rewrite README.md's results section
+    python -m experiments.paper.report                      # print the tables
+    python -m experiments.paper.report --readme README.md   # rewrite README.md's results section
 
 Only the text between `<!-- results:begin -->` and `<!-- results:end -->` is replaced; a README
 without both markers is left alone and the tables are printed instead.
@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import (
+from experiments.paper import (
     ckplus_protocols,
     common,
     label_modes,
@@ -64,7 +64,7 @@ def replace_section(text: str, body: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None, results_root: Path = common.RESULTS) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.report",
+    parser = argparse.ArgumentParser(prog="python -m experiments.paper.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", help="markdown file whose results section to rewrite")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Measured effect of train-step performance levers: `python -m experiments.perf_levers`.
+"""Measured effect of train-step performance levers: `python -m experiments.perf.perf_levers`.
 
 Each variant runs `fermsca.bench.benchmark` (paper configuration, batch 128, the full train step, after
 compilation) in its own process, so variants share no compiled code or caches; the variants are run in
@@ -155,7 +155,7 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
             if "hugepage_malloc" in levers_of(variant)[0]:
                 env["GLIBC_TUNABLES"] = hostenv.TUNABLE
-            out = subprocess.run([sys.executable, "-m", "experiments.perf_levers", "--worker", variant,
+            out = subprocess.run([sys.executable, "-m", "experiments.perf.perf_levers", "--worker", variant,
                                   f"--seconds={args.seconds}"], capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{variant}: failed\n{out.stderr[-2000:]}")
@@ -173,7 +173,7 @@ def main() -> None:
         if row["median_images_per_second"] and base.get("baseline"):
             row["speedup_vs_baseline"] = row["median_images_per_second"] / base["baseline"]
         print(f"{row['variant']:18s} {row['median_images_per_second'] or float('nan'):7.1f} img/s")
-    record = {"command": "python -m experiments.perf_levers", "rounds": args.rounds,
+    record = {"command": "python -m experiments.perf.perf_levers", "rounds": args.rounds,
               "seconds": args.seconds, "table": table, "records": runs}
     bench.write_json(args.output, record)
     print(markdown(record))

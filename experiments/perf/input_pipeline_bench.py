@@ -1,6 +1,6 @@
 """Steady-state throughput of the training input pipeline on a FER+-sized synthetic split.
 
-    python experiments/input_pipeline_bench.py --seconds=10
+    python -m experiments.perf.input_pipeline_bench --seconds=10
 
 Prints `N img/s` and writes it, with the command and the machine, to --output as JSON.
 """
@@ -29,7 +29,7 @@ _SAMPLE_LABELS = flags.DEFINE_bool(
 )
 _OUTPUT = flags.DEFINE_string(
     "output",
-    str(Path(__file__).parent / "results" / "input_pipeline_bench.json"),
+    str(Path(__file__).resolve().parents[1] / "results" / "input_pipeline_bench.json"),
     "Where to write the result as JSON; empty to skip.",
 )
 

@@ -1,13 +1,13 @@
 """FER+ label modes: majority vote, cross-entropy on vote distributions, probabilistic label drawing,
 multi-target (Barsoum et al. 2016, arXiv 1608.01041).
 
-    python -m experiments.label_modes --quick --data_dir /tmp/tfds --manual_dir /tmp/ferplus
-    python -m experiments.label_modes --manual_dir /data/ferplus   # the paper's budget
+    python -m experiments.paper.label_modes --quick --data_dir /tmp/tfds --manual_dir /tmp/ferplus
+    python -m experiments.paper.label_modes --manual_dir /data/ferplus   # the paper's budget
 
 The paper trains on FER+ without saying which labels it used; we default to majority.
 """
 
-from experiments import common
+from experiments.paper import common
 
 STUDY = common.Study(
     name="label_modes",

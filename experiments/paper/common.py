@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"
 MODES = ("quick", "full")
 DATASETS = ("synthetic_faces", "ferplus", "ckplus")
@@ -259,7 +259,7 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
             lines.append([*row.cells, format_mean_std(s.accuracy), format_mean_std(s.macro_f1),
                           _opt(s.best_validation_accuracy), s.evaluated_split,
                           f"{s.epochs:g}", _fmt_seconds(s.wall_seconds), *paper, links])
-        command = f"python -m experiments.{study.name}{' --quick' if mode == 'quick' else ''}"
+        command = f"python -m experiments.paper.{study.name}{' --quick' if mode == 'quick' else ''}"
         command += f" --dataset {dataset}"
         if dataset != "synthetic_faces":
             command += " --manual_dir DIR [--data_dir DIR]"
@@ -394,7 +394,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 
 def arg_parser(study: Study) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{study.name}", description=study.title)
+    p = argparse.ArgumentParser(prog=f"python -m experiments.paper.{study.name}", description=study.title)
     p.add_argument("--quick", action="store_true",
                    help="tiny budget for a CPU (default: the paper's budget, meant for a GPU)")
     p.add_argument("--dataset", choices=study.datasets,

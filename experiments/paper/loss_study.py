@@ -1,12 +1,12 @@
 """Loss: the paper's cosine-similarity loss (eq. 4) against softmax cross-entropy.
 
-    python -m experiments.loss_study --quick                      # synthetic faces, CPU minutes
-    python -m experiments.loss_study --manual_dir /data/ferplus   # FER+, the paper's budget
+    python -m experiments.paper.loss_study --quick                      # synthetic faces, CPU minutes
+    python -m experiments.paper.loss_study --manual_dir /data/ferplus   # FER+, the paper's budget
 
 The paper motivates eq. (4) but reports no comparison, so there is no published column.
 """
 
-from experiments import common
+from experiments.paper import common
 
 STUDY = common.Study(
     name="loss_study",

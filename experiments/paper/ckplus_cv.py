@@ -1,11 +1,11 @@
 """CK+ cross-validation with the folds trained together, vmapped (`fermsca.crossval`), and its speed.
 
     # The paper's CK+ setup (configs/ckplus.py: batch 7, 200 epochs, Table 1), 10 folds in one process:
-    python -m experiments.ckplus_cv --config configs/ckplus.py --workdir runs/ck_cv \\
+    python -m experiments.paper.ckplus_cv --config configs/ckplus.py --workdir runs/ck_cv \\
         --config.dataset.manual_dir=/data/CK+48
-    python -m experiments.ckplus_cv ... --folds 0-4                 # some folds (or split seeds)
+    python -m experiments.paper.ckplus_cv ... --folds 0-4                 # some folds (or split seeds)
     # Speed: K folds vmapped against one fold's step K times over (random data, after compilation):
-    python -m experiments.ckplus_cv --config configs/ckplus.py --bench --folds all --bench_steps 20 \
+    python -m experiments.paper.ckplus_cv --config configs/ckplus.py --bench --folds all --bench_steps 20 \
         --bench_variants=single_xla,single_onednn,folds_xla,folds_onednn,folds_grouped
 
 A study writes <workdir>/fold_k/results.json per fold and <workdir>/summary.json (mean +- sample std
@@ -129,7 +129,7 @@ def _print_bench(record: dict) -> None:
 
 
 def _run(argv) -> int:
-    from experiments import common
+    from experiments.paper import common
     from fermsca import crossval
 
     hostenv.enable_compilation_cache(FLAGS.compilation_cache)

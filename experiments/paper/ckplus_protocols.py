@@ -1,8 +1,8 @@
 """CK+ evaluation protocols: subject-independent 10-fold cross-validation against an image-level
 random split, each as mean +- std over 10 runs (folds, or split seeds).
 
-    python -m experiments.ckplus_protocols --manual_dir /data/ckplus            # the paper's budget
-    python -m experiments.ckplus_protocols --quick --manual_dir /data/ckplus    # CPU minutes
+    python -m experiments.paper.ckplus_protocols --manual_dir /data/ckplus            # the paper's budget
+    python -m experiments.paper.ckplus_protocols --quick --manual_dir /data/ckplus    # CPU minutes
 
 CK+ is licensed and not shipped with fermsca: both commands need `--manual_dir` pointing at the CK+
 files (the CK+48 folder layout by default; see fermsca/datasets/README.md). The paper does not say
@@ -10,7 +10,7 @@ which protocol gave its 99.32%. A random split puts frames of one sequence, ofte
 train and test, so it measures memorisation as much as recognition.
 """
 
-from experiments import common
+from experiments.paper import common
 
 STUDY = common.Study(
     name="ckplus_protocols",

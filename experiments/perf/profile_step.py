@@ -1,4 +1,4 @@
-"""Where the train step's time goes: `python -m experiments.profile_step [--batch_size 128]`.
+"""Where the train step's time goes: `python -m experiments.perf.profile_step [--batch_size 128]`.
 
 Traces a few compiled train steps of the paper configuration with `jax.profiler` (one event per
 executed XLA thunk), joins every event to its HLO instruction in the compiled module, and sums the time
@@ -9,7 +9,7 @@ two ways:
 - by place in the network: the Flax module path from the instruction's metadata (stem, block1..3 and
   their multiscale branches, the optimiser update, augmentation).
 
-`--step model` profiles forward + cosine loss + backward + Adam (what `experiments.compare_pytorch`
+`--step model` profiles forward + cosine loss + backward + Adam (what `experiments.perf.compare_pytorch`
 compares with PyTorch); `--step train` the full `train.Trainer.train_step` (with augmentation).
 `--conv_impl` profiles another convolution path. Writes experiments/results/bench/profile_<step>.json
 and prints the two tables in markdown.
@@ -178,7 +178,7 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
             "place": place(instructions[name], computations),
             "shape": instructions[name].split(" ", 1)[0]} for name, ms in by_op.most_common(15)]
     return {
-        "command": f"python -m experiments.profile_step --step {step} --batch_size {batch_size}"
+        "command": f"python -m experiments.perf.profile_step --step {step} --batch_size {batch_size}"
                    + (f" --conv_impl {conv_impl}" if conv_impl else ""),
         "step": step,
         "batch_size": batch_size,

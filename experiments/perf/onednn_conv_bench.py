@@ -1,4 +1,4 @@
-"""XLA vs oneDNN on the network's convolutions: `python -m experiments.onednn_conv_bench`.
+"""XLA vs oneDNN on the network's convolutions: `python -m experiments.perf.onednn_conv_bench`.
 
 For each convolution of FERNet (batch 128, float32, NHWC / HWIO, stride 1 SAME) it times, jitted and
 after compilation, the forward pass and forward + backward (`value_and_grad` of <y, r> w.r.t. both the
@@ -27,7 +27,7 @@ from jax import lax
 
 from fermsca import bench, hostenv, onednn_conv
 
-OUTPUT = Path(__file__).resolve().parent / "results" / "bench" / "onednn_conv.json"
+OUTPUT = Path(__file__).resolve().parents[1] / "results" / "bench" / "onednn_conv.json"
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (name, H=W, C_in, C_out, kernel, how many times the network has it)
@@ -196,7 +196,7 @@ def main() -> None:
           f"{time.perf_counter() - begin:.0f} s")
 
     record = {
-        "command": "python -m experiments.onednn_conv_bench",
+        "command": "python -m experiments.perf.onednn_conv_bench",
         "batch": args.batch,
         "rounds": args.rounds,
         "iters": args.iters,
