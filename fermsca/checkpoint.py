@@ -6,7 +6,7 @@ Layout in the workdir:
     best/<step>/{state,meta}          the single best checkpoint by validation accuracy
 
 `meta` holds the run's config, class names, epoch and training history, so a checkpoint is enough to
-rebuild the model (see `load_model_variables`).
+rebuild the model (see `load_checkpoint`).
 """
 
 from __future__ import annotations

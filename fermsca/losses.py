@@ -2,8 +2,7 @@
 
 Both take logits [B, K] and a target distribution [B, K] (one-hot, or soft FER+ vote distributions) and
 return one loss per example [B]. Optional `weights` [B] (example weights or a 0/1 validity mask) scale
-each example's loss; `weighted_mean` reduces them. All-zero or masked targets give finite values and
-gradients.
+each example's loss. All-zero or masked targets give finite values and gradients.
 """
 
 from __future__ import annotations
@@ -40,16 +39,6 @@ def cross_entropy(
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     loss = -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
     return loss if weights is None else loss * weights
-
-
-def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """sum(values) / sum(weights): the weighted mean of losses already multiplied by `weights`.
-
-    Pass the per-example output of a loss called with the same `weights`; 0 when all weights are 0.
-    """
-    if weights is None:
-        return jnp.mean(values)
-    return jnp.sum(values) / jnp.maximum(jnp.sum(weights), 1e-9)
 
 
 LOSSES = {"cosine": cosine_similarity_loss, "cross_entropy": cross_entropy}

@@ -19,7 +19,6 @@ import optax
 TABLE1_EPOCHS = 200
 TABLE1_BOUNDARIES = (81, 121, 161, 181)  # first epoch (0-based) of each new rate
 TABLE1_VALUES = (1e-3, 1e-4, 1e-5, 1e-6, 5e-7)
-TABLE2_CONSTANT_RATES = (1e-2, 1e-3, 1e-4, 1e-5)
 
 
 def table1_boundaries(num_epochs: int = TABLE1_EPOCHS) -> tuple[int, ...]:

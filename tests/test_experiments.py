@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.paper import common, report, scaling, table3_ablation, table4_compare
+from experiments.paper import common, report, scaling, table2_lr, table3_ablation, table4_compare
 
 
 def fake_results(accuracy: float, dataset: str = "synthetic_faces", split: str = "test",
@@ -82,6 +82,13 @@ def test_parse_folds_and_sets():
         "batch_size": "8", "model.dtype": "bfloat16"}
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         common.parse_sets(["batch_size"])
+
+
+def test_table2_rows_are_the_papers_rates():
+    constant = [r.overrides["optimizer.learning_rate"] for r in table2_lr.STUDY.rows
+                if r.overrides.get("optimizer.schedule") == "constant"]
+    np.testing.assert_allclose(constant, [1e-2, 1e-3, 1e-4, 1e-5])
+    assert table2_lr.STUDY.rows[-1].overrides == {"optimizer.schedule": "table1"}
 
 
 def test_ckplus_rows_repeat_over_folds_or_split_seeds():
