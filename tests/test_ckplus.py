@@ -4,10 +4,10 @@ import os
 
 import fixtures
 import haar_margin
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from fermsca import datasets
 from fermsca.datasets import ckplus
 
@@ -15,9 +15,12 @@ EMOTION_TEXT = "{:.7e}"  # "3.0000000e+00", as in the release
 
 
 def _config(manual_dir, data_dir, **fields):
-    return ml_collections.ConfigDict(
-        dict(name="ckplus", manual_dir=str(manual_dir), data_dir=str(data_dir), **fields)
-    )
+    """The default `dataset` config for CK+ in `manual_dir`, official layout unless given."""
+    config = default.get_config().dataset
+    config.update(dict(name="ckplus", builder_config="official", manual_dir=str(manual_dir),
+                       data_dir=str(data_dir)))
+    config.update(fields)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,20 +2,29 @@
 
 import dataclasses
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from fermsca import datasets
 from fermsca.datasets import synthetic_faces
 
 
+def _dataset_config(**fields):
+    """The default config's `dataset` fields, some replaced."""
+    config = default.get_config().dataset
+    config.update(fields)
+    return config
+
+
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    config = ml_collections.ConfigDict()
-    config.name = "synthetic_faces"
-    config.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    config.manual_dir = ml_collections.config_dict.placeholder(str)
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def synthetic(data_dir):
+    config = _dataset_config(name="synthetic_faces", data_dir=data_dir)
     return datasets.load(config, required=("train", "validation", "test"))
 
 
@@ -48,6 +57,17 @@ def test_describe(synthetic):
     assert "  train: 4000 of 4000 kept" in text and "  test: 800 of 800 kept" in text
 
 
+def test_train_subset_keeps_the_first_training_examples(synthetic, data_dir):
+    subset = datasets.load(_dataset_config(name="synthetic_faces", data_dir=data_dir, train_subset=100))
+    train, full = subset.splits["train"], synthetic.splits["train"]
+    np.testing.assert_array_equal(train.images, full.images[:100])
+    np.testing.assert_array_equal(train.targets, full.targets[:100])
+    np.testing.assert_array_equal(train.file_names, full.file_names[:100])
+    assert train.counts == {"total": 4000, "kept": 4000, "train_subset": 100}
+    assert subset.splits["validation"].counts == {"total": 800, "kept": 800}  # only train is cut
+    assert "train_subset=100" in datasets.describe(subset)
+
+
 def test_splits_are_frozen(synthetic):
     with pytest.raises(dataclasses.FrozenInstanceError):
         synthetic.splits["train"].sample_labels = True
@@ -68,13 +88,13 @@ def test_class_names_per_dataset():
 
 def test_unknown_dataset_and_split():
     with pytest.raises(ValueError, match="unknown dataset"):
-        datasets.load(ml_collections.ConfigDict({"name": "affectnet"}))
+        datasets.load(_dataset_config(name="affectnet"))
     with pytest.raises(ValueError, match="unknown split"):
-        datasets.load(ml_collections.ConfigDict({"name": "synthetic_faces"}), required=("dev",))
+        datasets.load(_dataset_config(name="synthetic_faces"), required=("dev",))
 
 
 def test_missing_manual_dir_is_a_data_error(tmp_path):
-    config = ml_collections.ConfigDict({"name": "ferplus", "data_dir": str(tmp_path)})
+    config = _dataset_config(name="ferplus", data_dir=str(tmp_path))
     with pytest.raises(datasets.DataError, match="Manual directory .* does not exist"):
         datasets.load(config)
     assert issubclass(datasets.DataError, ValueError)
@@ -96,9 +116,9 @@ def _ckplus48_raw(root, rng, subjects=4):
 
 
 def _ck_config(manual_dir, data_dir, **fields):
-    return ml_collections.ConfigDict(dict(name="ckplus", builder_config="ckplus48", protocol="random",
-                                          test_fraction=0.25, manual_dir=manual_dir and str(manual_dir),
-                                          data_dir=str(data_dir), **fields))
+    return _dataset_config(name="ckplus", builder_config="ckplus48", protocol="random",
+                           test_fraction=0.25, manual_dir=manual_dir and str(manual_dir),
+                           data_dir=str(data_dir), **fields)
 
 
 def test_changed_raw_files_are_refused_until_rebuilt(tmp_path):

@@ -9,11 +9,11 @@ import tarfile
 import types
 
 import fixtures
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
+from configs import default
 from fermsca import datasets
 from fermsca.datasets import ferplus, labels
 
@@ -22,9 +22,9 @@ ALL_SPLITS = ("train", "validation", "test")
 
 
 def _config(manual_dir, data_dir, **fields):
-    return ml_collections.ConfigDict(
-        dict(name="ferplus", manual_dir=str(manual_dir), data_dir=str(data_dir), **fields)
-    )
+    config = default.get_config().dataset
+    config.update(dict(name="ferplus", manual_dir=str(manual_dir), data_dir=str(data_dir), **fields))
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,11 +27,21 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from fermsca import faces
-from fermsca.datasets._common import IMAGE_SIZE, DataError, read_grayscale
+from fermsca.datasets._common import (
+    IMAGE_SIZE,
+    DataError,
+    Dataset,
+    Split,
+    one_hot,
+    prepare,
+    read_grayscale,
+    read_split,
+)
 
 CLASS_NAMES = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
 # Emotion codes of the official release: 0 (neutral) is never used as a sequence label.
@@ -400,3 +410,64 @@ def random_indices(num_examples: int, test_fraction: float = 0.1, seed: int = 0)
         "validation": np.sort(order[held : 2 * held]),
         "test": np.sort(order[:held]),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: the stored build, its last frames, split by the protocol.
+
+
+def load(config: ml_collections.ConfigDict, required: Sequence[str] = ()) -> Dataset:
+    """Builds CK+ (`config.builder_config`) if needed, keeps the last `frames_per_sequence` frames
+    of each sequence and splits them by `config.protocol` (kfold | random)."""
+    del required  # every protocol gives train, validation and test
+    frames = int(config.frames_per_sequence)
+    if frames < 1:
+        raise ValueError(f"frames_per_sequence must be >= 1, got {frames}")
+    layout = config.builder_config
+    if layout == "official":
+        builder_config = official_config(max(frames, DEFAULT_FRAMES))
+    elif layout == "ckplus48":
+        builder_config = layout
+    else:
+        raise ValueError(f"unknown CK+ builder_config {layout!r}; expected 'official' or 'ckplus48'")
+    allow_center_crop = bool(config.allow_center_crop)
+    builder = Ckplus(config=builder_config, data_dir=config.data_dir,
+                     allow_center_crop=allow_center_crop)
+    manual_dir = config.manual_dir
+    entries = [] if manual_dir is None else source_entries(manual_dir, layout)
+    source = prepare(builder, manual_dir, entries, bool(config.rebuild), is_label_file)
+    data = read_split(builder, "train")
+    if data["center_cropped"].any() and not allow_center_crop:
+        failed = data["file_name"][data["center_cropped"]]
+        raise DataError(
+            f"ckplus: the stored dataset holds {len(failed)} centre crop(s) where no face was "
+            "found (built with allow_center_crop); set allow_center_crop to use them:\n  "
+            + "\n  ".join(failed)
+        )
+    selected = np.flatnonzero(data["frame_rank"] < frames)
+    parts = protocol_indices(config, data["subject"][selected])
+    splits = {}
+    for split, local in parts.items():
+        index = selected[local]
+        splits[split] = Split(
+            images=data["image"][index],
+            targets=one_hot(data["label"][index], len(CLASS_NAMES)),
+            sample_labels=False,
+            counts={
+                "total": len(index),
+                "kept": len(index),
+                "center_cropped": int(data["center_cropped"][index].sum()),
+            },
+            file_names=data["file_name"][index],
+        )
+    return Dataset("ckplus", CLASS_NAMES, splits, source)
+
+
+def protocol_indices(config: ml_collections.ConfigDict, subjects: Sequence[str]) -> dict[str, np.ndarray]:
+    """{split: indices into `subjects`} by `config.protocol`: `kfold_indices` or `random_indices`."""
+    seed = int(config.split_seed)
+    if config.protocol == "kfold":
+        return kfold_indices(subjects, num_folds=int(config.num_folds), fold=int(config.fold), seed=seed)
+    if config.protocol == "random":
+        return random_indices(len(subjects), float(config.test_fraction), seed)
+    raise ValueError(f"unknown CK+ protocol {config.protocol!r}; expected 'kfold' or 'random'")

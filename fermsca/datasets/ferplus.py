@@ -1,8 +1,8 @@
 """FER+ (FER2013 images relabelled by 10 taggers each) as a TFDS builder.
 
 Barsoum et al. 2016, arXiv 1608.01041; labels from github.com/microsoft/FERPlus. The builder stores
-the raw vote counts; label modes (`labels.py`) are applied when the data is loaded, so one build
-serves every mode. Run as a module to print the per-split, per-mode counts:
+the raw vote counts; label modes (`labels.py`) are applied by `load`, so one build serves every
+mode. Run as a module to print the per-split, per-mode counts:
 
     python -m fermsca.datasets.ferplus --manual_dir /tmp/ferplus --data_dir /tmp/tfds
 """
@@ -14,14 +14,26 @@ import csv
 import dataclasses
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from fermsca.datasets import labels
-from fermsca.datasets._common import IMAGE_SIZE, DataError, read_grayscale
+from fermsca.datasets._common import (
+    IMAGE_SIZE,
+    SPLITS,
+    DataError,
+    Dataset,
+    Split,
+    prepare,
+    read_grayscale,
+    read_split,
+)
 
+CLASS_NAMES = labels.EMOTIONS
 SPLIT_FOLDERS = {"train": "FER2013Train", "validation": "FER2013Valid", "test": "FER2013Test"}
 USAGE_SPLITS = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
 LABEL_FILE = "label.csv"
@@ -459,6 +471,54 @@ class Ferplus(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__
             yield name, {"image": image[..., None], "votes": votes, "file_name": name}
 
 
+def build(manual_dir: str | None, data_dir: str | None, rebuild: bool = False) -> Ferplus:
+    """The FER+ builder, built from `manual_dir` if needed (source-checked: `_common.prepare`)."""
+    builder = Ferplus(data_dir=data_dir)
+    prepare(builder, manual_dir, SOURCE_ENTRIES, rebuild, is_label_file)
+    return builder
+
+
+def load(config: ml_collections.ConfigDict, required: Sequence[str]) -> Dataset:
+    """Builds FER+ if needed and reads its splits; `config.label_mode` sets the train targets.
+
+    Validation and test are always scored against majority labels. A `required` split missing
+    from the stored build but present in `config.manual_dir` rebuilds it; one missing from both is
+    a DataError naming the folder or files to add.
+    """
+    labels.check_mode(config.label_mode)
+    manual_dir = config.manual_dir
+    builder = Ferplus(data_dir=config.data_dir)
+    rebuild = bool(config.rebuild)
+    if not rebuild and manual_dir and builder.is_prepared():
+        missing = [s for s in required if s not in builder.info.splits]
+        if any(s in find_sources(manual_dir) for s in missing):
+            logging.info("FER+: rebuilding to add split(s) %s found in %s", missing, manual_dir)
+            rebuild = True
+    source = prepare(builder, manual_dir, SOURCE_ENTRIES, rebuild, is_label_file)
+    for split in required:
+        if split not in builder.info.splits:
+            raise DataError(missing_split_message(split, manual_dir))
+    at_source = source_drops(builder.info.metadata)  # {split: {rule: rows}} left out when built
+    splits = {}
+    for split in SPLITS:
+        if split not in builder.info.splits:
+            continue
+        data = read_split(builder, split)
+        mode = config.label_mode if split == "train" else "majority"
+        keep, targets, counts = labels.apply_label_mode(data["votes"], mode)
+        for rule, rows in at_source.get(split, {}).items():
+            counts["total"] += rows
+            counts[f"dropped_{rule}"] = rows
+        splits[split] = Split(
+            images=data["image"][keep],
+            targets=targets,
+            sample_labels=mode == "probability",
+            counts=counts,
+            file_names=data["file_name"][keep],
+        )
+    return Dataset("ferplus", CLASS_NAMES, splits, source)
+
+
 def count_table(
     votes_by_split: dict[str, np.ndarray], dropped: dict[str, dict[str, int]] | None = None
 ) -> str:
@@ -499,14 +559,14 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    from fermsca import cli, datasets
+    from fermsca import cli
 
     values = flags.FLAGS
 
     def body() -> None:
-        builder = datasets.build_ferplus(values.manual_dir, values.data_dir, values.rebuild)
+        builder = build(values.manual_dir, values.data_dir, values.rebuild)
         votes = {}
-        for split in ("train", "validation", "test"):
+        for split in SPLITS:
             if split in builder.info.splits:
                 votes[split] = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))["votes"]
         print(count_table(votes, source_drops(builder.info.metadata)))

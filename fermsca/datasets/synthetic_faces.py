@@ -14,13 +14,14 @@ Faces are drawn with anti-aliased OpenCV primitives on a 4x canvas and area-down
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import cv2
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fermsca.datasets._common import IMAGE_SIZE
+from fermsca.datasets._common import IMAGE_SIZE, Dataset, Split, one_hot, prepare, read_split
 from fermsca.datasets.labels import EMOTIONS
 
 CLASS_NAMES = EMOTIONS
@@ -258,3 +259,22 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             name = f"{split}/{i:05d}_{CLASS_NAMES[label]}.png"
             yield name, {"image": image, "label": int(label), "file_name": name}
+
+
+def load(config: ml_collections.ConfigDict, required: Sequence[str] = ()) -> Dataset:
+    """Builds the set into `config.data_dir` on first use (seconds) and reads every split."""
+    del required  # every split is always there
+    builder = SyntheticFaces(data_dir=config.data_dir)
+    prepare(builder, None)
+    splits = {}
+    for split in SPLIT_SIZES:
+        data = read_split(builder, split)
+        n = len(data["label"])
+        splits[split] = Split(
+            images=data["image"],
+            targets=one_hot(data["label"], len(CLASS_NAMES)),
+            sample_labels=False,
+            counts={"total": n, "kept": n},
+            file_names=data["file_name"],
+        )
+    return Dataset("synthetic_faces", CLASS_NAMES, splits)
