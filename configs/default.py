@@ -36,11 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.se_reduction = 8
     c.model.dropout_rate = 0.0
     c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
-    # auto | xla | onednn (same parameters and mathematics): auto is oneDNN on an x86-64 Linux CPU when
-    # its extension builds (g++, compiled once), XLA otherwise; onednn insists on oneDNN.
+    # Speed only (fermsca.perf; same parameters and mathematics): auto | xla | onednn. auto is oneDNN on
+    # an x86-64 Linux CPU when its extension builds (g++, compiled once), XLA otherwise.
     c.model.conv_impl = "auto"
-    # One conv for the 1x1 branch + the residual projection (same math); measured no faster, so off.
-    c.model.fuse_projection = False
 
     c.loss = "cosine"  # cosine (eq. 4) | cross_entropy
 

@@ -1,7 +1,7 @@
 """Train-step throughput benchmark: `python -m fermsca.bench [--batch_size 128] [--seconds 30]`.
 
-Times the compiled train step of the paper configuration (configs/ferplus.py model, optimiser, loss and
-augmentation) on random data already on device, after compilation and warm-up, and prints
+Times the compiled train step of a config (`--config`, default configs/ferplus.py: the paper's model,
+optimiser, loss and augmentation) on random data already on device, after compilation and warm-up, and prints
 `N img/s` with the achieved GFLOP/s (XLA's cost analysis of the step) beside the machine's large-matmul
 GFLOP/s for context. Writes a JSON record with `--output`.
 """
@@ -9,6 +9,7 @@ GFLOP/s for context. Writes a JSON record with `--output`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fermsca import hostenv
+from fermsca.perf import hugepages
 
 
 def matmul_gflops(n: int = 2048, seconds: float = 3.0, dtype=jnp.float32) -> float:
@@ -86,24 +88,30 @@ def model_step(state, images: jax.Array, targets: jax.Array, *, model, tx):
                          batch_stats=batch_stats, opt_state=opt_state), loss
 
 
-def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
-    from fermsca import config_schema, models, train
+def benchmark(config, batch_size: int, seconds: float, warmup: int = 3, *, model=None,
+              donate: bool = True) -> dict:
+    """Images/s of `train.Trainer`'s compiled train step for `config` at `batch_size`, timed for
+    `seconds` after compilation and `warmup` steps. `model` replaces the config's FERNet (e.g. other
+    building blocks) and `donate=False` keeps the state's buffers: the speed levers' ablations."""
+    from fermsca import config_schema, perf, train
 
     config.batch_size = batch_size
     num_classes = 8
     mesh = train.make_mesh()
     config_schema.check_batch_size("batch_size", batch_size, jax.device_count(), jax.process_count())
-    trainer = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=mesh)
+    trainer = train.Trainer(config, num_classes, steps_per_epoch=1000, mesh=mesh, model=model,
+                            donate=donate)
     state = trainer.init_state()
     images, targets = random_batch(batch_size, num_classes)
-    batch = train._global_batch({"image": images, "target": targets}, trainer.batch_sharding)
+    batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
+             for k, v in {"image": images, "target": targets}.items()}
     key = jax.random.fold_in(trainer.rng, 2)
 
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch, key).compile()
     compile_seconds = time.perf_counter() - t0
     step_flops = _cost_flops(compiled)
-    conv_impl = models.resolve_conv_impl(config.model.conv_impl)
+    conv_impl = perf.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
     if conv_impl != "xla":
         # XLA counts no FLOPs inside custom calls: count the same step (same mathematics) on XLA's path.
         reference = config.copy_and_resolve_references()
@@ -131,8 +139,7 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
         "achieved_gflops": step_flops * steps / elapsed / 1e9 if step_flops else None,
         "dtype": config.model.dtype,
         "conv_impl": conv_impl,
-        "fuse_projection": config.model.get("fuse_projection", False),
-        "hugepage_malloc": hostenv.hugepage_malloc_active(),
+        "hugepage_malloc": hugepages.active(),
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count()},
@@ -140,19 +147,33 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3) -> dict:
     }
 
 
+def load_config(path: str):
+    """The `get_config()` of a config file (e.g. configs/ferplus.py), as `--config` of fermsca.main."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such config file (run from the repository root, "
+                                "or give the path of a config file)")
+    spec = importlib.util.spec_from_file_location("_bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/ferplus.py",
+                        help="config file whose model, optimiser, loss and augmentation are timed")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--conv_impl", default="xla", choices=["xla", "onednn"])
     parser.add_argument("--no_matmul", action="store_true", help="skip the matmul reference")
     parser.add_argument("--output", help="write the record as JSON here")
+    parser.add_argument("--compilation_cache", default=hostenv.default_compilation_cache(),
+                        help="JAX's persistent compilation cache directory ('off' disables it)")
     args = parser.parse_args()
+    hostenv.enable_compilation_cache(args.compilation_cache)
 
-    from configs import ferplus
-
-    config = ferplus.get_config()
+    config = load_config(args.config)
     config.model.dtype = args.dtype
     config.model.conv_impl = args.conv_impl
     record = benchmark(config, args.batch_size, args.seconds)
@@ -175,5 +196,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostenv.ensure_hugepage_malloc()
+    hugepages.ensure()
     main()

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from fermsca import losses, models
+from fermsca import losses, perf
 from fermsca.cli import ConfigError
 from fermsca.datasets import labels
 
@@ -98,8 +98,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model.se_reduction": _at_least(1),
     "model.dropout_rate": _fraction,
     "model.dtype": _one_of(*DTYPES),
-    "model.conv_impl": _one_of(*models.CONV_IMPLS),
-    "model.fuse_projection": _bool,
+    "model.conv_impl": _one_of(*perf.CONV_IMPLS),
     "loss": _one_of(*losses.LOSSES),
     "optimizer.schedule": _one_of(*SCHEDULES),
     "optimizer.learning_rate": _positive_number,

@@ -21,8 +21,9 @@ import pytest
 from jax import lax
 
 from configs import default
-from fermsca import checkpoint, crossval, datasets, input_pipeline, onednn_conv, schedules, train
+from fermsca import checkpoint, crossval, datasets, input_pipeline, schedules, train
 from fermsca.datasets import ckplus
+from fermsca.perf import onednn_conv
 
 FOLDS = (0, 1, 2)
 EPOCHS = 2

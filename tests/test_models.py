@@ -1,6 +1,6 @@
 """FERNet and its parts against NumPy references of eqs. (1)-(3) and of plain convolution."""
 
-import logging
+import functools
 import time
 
 import flax.linen as nn
@@ -127,15 +127,22 @@ def test_squeeze_excite_only_rescales_channels():
 # --- MultiScaleConv ----------------------------------------------------------------------------
 
 
+def blocks(train: bool = False, reduction: int = 8) -> dict:
+    """The building blocks FERNet hands its submodules: Flax's, as the paper's path runs them."""
+    return dict(conv=functools.partial(nn.Conv, use_bias=False),
+                norm=functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9),
+                se=functools.partial(models.SqueezeExcite, reduction), pool=nn.max_pool)
+
+
 def init_multiscale(features: int = 16, in_channels: int = 8, **kwargs):
-    module = models.MultiScaleConv(features, **kwargs)
+    module = models.MultiScaleConv(features, **blocks(), **kwargs)
     x = randn((2, 8, 8, in_channels))
-    return module, x, numpy_init(module, x, train=False)
+    return module, x, numpy_init(module, x)
 
 
 def test_multiscale_output_shape():
     module, x, variables = init_multiscale(16, in_channels=8)
-    y = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+    y = jax.jit(module.apply)(variables, x)
     assert y.shape == (2, 8, 8, 16)
     branches = {"branch1x1": 1, "branch3x3": 3, "branch5x5": 5, "branch_pool": 1}
     for name, k in branches.items():
@@ -177,7 +184,7 @@ def test_multiscale_branches_match_numpy_convolution():
     params = jax.tree_util.tree_map(np.asarray, variables["params"])
     for i, b in enumerate(("branch1x1", "branch3x3", "branch5x5", "branch_pool")):
         params[b]["conv"]["bias"] = randn((4,), 10 + i)
-    y = np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))({"params": params}, x))
+    y = np.asarray(jax.jit(module.apply)({"params": params}, x))
     x64 = x.astype(np.float64)
 
     def ref(name, inputs):
@@ -201,10 +208,10 @@ def test_multiscale_branches_match_numpy_convolution():
 
 @pytest.mark.parametrize("in_channels,features,projected", [(8, 16, True), (16, 16, False)])
 def test_residual_block_shapes_and_projection(in_channels, features, projected):
-    block = models.ResidualBlock(features)
+    block = models.ResidualBlock(features, **blocks())
     x = randn((2, 6, 6, in_channels))
-    variables = numpy_init(block, x, train=False)
-    y = jax.jit(lambda v, x: block.apply(v, x, train=False))(variables, x)
+    variables = numpy_init(block, x)
+    y = jax.jit(block.apply)(variables, x)
     assert y.shape == (2, 6, 6, features)
     assert np.all(np.asarray(y) >= 0)  # ReLU after the addition
     names = set(variables["params"])
@@ -216,9 +223,9 @@ def test_residual_block_shapes_and_projection(in_channels, features, projected):
 
 
 def test_residual_block_ablation_keeps_its_own_bn_and_se():
-    block = models.ResidualBlock(16, use_bn=False, use_se=False)
+    block = models.ResidualBlock(16, **blocks(), use_bn=False, use_se=False)
     x = randn((2, 6, 6, 8))
-    variables = shapes_of(block, x, train=False)
+    variables = shapes_of(block, x)
     multiscale = paths(variables["params"]["multiscale"])
     assert not any("/bn/" in p or "/se/" in p for p in multiscale)
     assert "multiscale" not in variables["batch_stats"]
@@ -360,202 +367,26 @@ def test_from_config():
     assert models.from_config(model_config(dtype="float32"), 8).dtype == jnp.float32
     without_dropout = model_config()
     del without_dropout["dropout_rate"]
-    assert models.from_config(without_dropout, 8).dropout_rate == 0.0
+    with pytest.raises(AttributeError, match="dropout_rate"):  # no fallback: configs/default.py has it
+        models.from_config(without_dropout, 8)
     with pytest.raises(ValueError, match="float64"):
         models.from_config(model_config(dtype="float64"), 8)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_batchnorm_matches_flax(dtype):
-    """models.BatchNorm against nn.BatchNorm: variables, outputs, running averages and gradients."""
-    x = jnp.asarray(randn((6, 5, 4, 3), seed=8) * 3 + 1.5).astype(dtype)
-    ours = models.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
-    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, dtype=dtype)
-    v_ours, v_ref = ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x)
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), v_ours) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), v_ref)
-    variables = {"params": {"scale": jnp.asarray([0.5, -2.0, 1.0]), "bias": jnp.asarray([0.1, 0.0, -1.0])},
-                 "batch_stats": {"mean": jnp.asarray([0.3, 0.0, 1.0]), "var": jnp.asarray([2.0, 1.0, 0.5])}}
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+def test_from_config_takes_building_blocks():
+    """Blocks given to from_config reach every layer (here: a convolution that counts its calls)."""
+    calls = []
 
-    def loss(params, module):
-        y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
-        return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, updates["batch_stats"])
+    def counting_conv(*args, **kwargs):
+        calls.append(args[1].shape)
+        return jax.lax.conv_general_dilated(*args, **kwargs)
 
-    (l_o, (y_o, s_o)), g_o = jax.value_and_grad(loss, has_aux=True)(variables["params"], ours)
-    (l_r, (y_r, s_r)), g_r = jax.value_and_grad(loss, has_aux=True)(variables["params"], ref)
-    assert y_o.dtype == y_r.dtype == dtype
-    np.testing.assert_allclose(np.asarray(y_o, np.float32), np.asarray(y_r, np.float32), **tol)
-    for a, b in zip(jax.tree.leaves((s_o, g_o)), jax.tree.leaves((s_r, g_r)), strict=True):
-        np.testing.assert_allclose(a, b, **tol)
-    # Evaluation: the running averages.
-    ev_o = models.BatchNorm(use_running_average=True, dtype=dtype).apply(variables, x)
-    ev_r = nn.BatchNorm(use_running_average=True, dtype=dtype).apply(variables, x)
-    np.testing.assert_allclose(np.asarray(ev_o, np.float32), np.asarray(ev_r, np.float32), **tol)
-
-
-def test_from_config_compute_switches():
-    model = models.from_config(model_config(conv_impl="xla", fuse_projection=True), 8)
-    assert (model.conv_impl, model.fuse_projection) == ("xla", True)
-    assert not models.from_config(model_config(), 8).fuse_projection  # absent fields: the defaults
-
-
-def test_unknown_conv_impl_names_the_config_field():
-    with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cudnn': expected one of"):
-        models.from_config(model_config(conv_impl="cudnn", dtype="float32"), 8)
-    with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cudnn'"):
-        models.resolve_conv_impl("cudnn")
-    with pytest.raises(ValueError, match=r"config\.model\.conv_impl='cudnn'"):  # a module built directly
-        models.FERNet(**SMALL, conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
-
-
-# ---------------------------------------------------------------------------------------------
-# conv_impl "auto": oneDNN on an x86-64 Linux CPU where its extension builds, XLA everywhere else
-
-
-@pytest.fixture
-def onednn(monkeypatch):
-    """`fermsca.onednn_conv` as resolution sees it, faked: `set(backend, reason, platform)`, where
-    reason None means the extension builds and loads; records each availability query."""
-    from fermsca import onednn_conv
-
-    queries = []
-    monkeypatch.delenv("FERMSCA_ONEDNN", raising=False)
-
-    def fake(backend="cpu", reason=None, platform=True):
-        def unavailable_reason():
-            queries.append(backend)
-            return reason
-
-        monkeypatch.setattr(jax, "default_backend", lambda: backend)
-        monkeypatch.setattr(onednn_conv, "unavailable_reason", unavailable_reason)
-        monkeypatch.setattr(onednn_conv, "available", lambda: unavailable_reason() is None)
-        monkeypatch.setattr(onednn_conv, "supported_platform", lambda: platform)
-
-    fake.queries = queries
-    fake.module = onednn_conv
-    models._resolve_auto.cache_clear()
-    yield fake
-    models._resolve_auto.cache_clear()
-
-
-def _warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-def test_auto_is_onednn_on_a_cpu_where_it_builds(onednn, caplog):
-    onednn(backend="cpu")
-    assert models.resolve_conv_impl("auto") == "onednn"
-    assert models.conv_function("auto") is onednn.module.conv_general_dilated
-    assert models.resolve_conv_impl("auto") == "onednn"
-    assert onednn.queries == ["cpu"]  # cached: asked once per process
-    assert _warnings(caplog) == []
-
-
-@pytest.mark.parametrize("backend", ["gpu", "cuda", "tpu"])
-def test_auto_is_xla_on_accelerators_without_asking_for_onednn(onednn, caplog, backend):
-    onednn(backend=backend)
-    assert models.resolve_conv_impl("auto") == "xla"
-    assert models.conv_function("auto") is None
-    assert onednn.queries == [] and _warnings(caplog) == []  # no g++ build to decide
-
-
-def test_auto_falls_back_to_xla_with_one_warning_line(onednn, caplog):
-    onednn(backend="cpu", reason="C++ compiler 'g++' not found on PATH; the oneDNN convolution "
-                                 "extension is compiled on first use\nsecond line of detail")
-    with caplog.at_level(logging.INFO, logger="fermsca.models"):
-        assert [models.resolve_conv_impl("auto") for _ in range(3)] == ["xla"] * 3
-        assert models.conv_function("auto") is None
-        model = models.FERNet(**SMALL, conv_impl="auto")  # every convolution of a trace asks again
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
-    (warning,) = _warnings(caplog)
-    assert "\n" not in warning and "second line" not in warning
-    assert "config.model.conv_impl='auto'" in warning and "'g++' not found" in warning
-    assert "run on XLA" in warning and "1.7-3x slower" in warning  # what it costs
-    assert "install g++" in warning and "set CXX" in warning  # how to fix it
-    assert onednn.queries == ["cpu"]
-
-
-@pytest.mark.parametrize("why", ["other_cpu", "disabled"])
-def test_auto_is_xla_quietly_where_oneDNN_is_not_meant_to_run(onednn, caplog, monkeypatch, why):
-    onednn(backend="cpu", reason="never asked", platform=why != "other_cpu")
-    if why == "disabled":
-        monkeypatch.setenv("FERMSCA_ONEDNN", "0")
-    assert models.resolve_conv_impl("auto") == "xla"
-    assert onednn.queries == [] and _warnings(caplog) == []
-
-
-def test_explicit_conv_impl_is_kept(onednn):
-    onednn(backend="gpu")
-    assert models.resolve_conv_impl("onednn") == "onednn"  # per-convolution XLA fallback off the CPU
-    onednn(backend="cpu")
-    assert models.resolve_conv_impl("xla") == "xla"
-    assert models.conv_function("xla") is None
-    assert models.conv_function("onednn") is onednn.module.conv_general_dilated
-
-
-def test_explicit_onednn_fails_loudly_when_unavailable(onednn, caplog):
-    onednn(backend="cpu", reason="compiling onednn_conv.cc failed (exit 1)")
-    with pytest.raises(RuntimeError, match=r"config\.model\.conv_impl='onednn' is unavailable: compiling"):
-        models.resolve_conv_impl("onednn")
-    with pytest.raises(RuntimeError, match="is unavailable"):
-        models.FERNet(**SMALL, conv_impl="onednn").init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
-    assert models.resolve_conv_impl("auto") == "xla"  # while "auto" only warns
-    assert len(_warnings(caplog)) == 1
-
-
-def test_from_config_defers_auto_to_the_trace(onednn):
-    """Building a model (to load or export weights) compiles nothing; only float32 can use oneDNN."""
-    onednn(backend="cpu")
-    without = model_config(dtype="float32")
-    assert models.from_config(without, 8).conv_impl == "auto"  # absent: the default
-    assert models.from_config(model_config(conv_impl="auto", dtype="float32"), 8).conv_impl == "auto"
-    assert models.from_config(model_config(conv_impl="auto", dtype="bfloat16"), 8).conv_impl == "xla"
-    assert models.from_config(model_config(conv_impl="onednn", dtype="float32"), 8).conv_impl == "onednn"
-    assert onednn.queries == []
-
-
-def test_default_config_asks_for_auto():
-    from configs import default
-    from fermsca import config_schema
-
-    assert default.get_config().model.conv_impl == "auto"
-    for conv_impl in models.CONV_IMPLS:  # the schema accepts exactly the model's choices
-        assert config_schema.FIELDS["model.conv_impl"](conv_impl) is None
-    assert config_schema.FIELDS["model.conv_impl"]("cudnn") is not None
-
-
-@pytest.mark.slow  # the fused projection is off by default (it measured no faster)
-@pytest.mark.parametrize("use_bn", [True, False])
-def test_fused_projection_same_parameters_outputs_and_gradients(use_bn):
-    """One convolution for the 1x1 branch + the projection: identical variables (names, shapes, init
-    values) and the unfused network's outputs, batch statistics and gradients to float32 rounding."""
-    fused = models.FERNet(**SMALL, use_bn=use_bn, fuse_projection=True)
-    plain = models.FERNet(**SMALL, use_bn=use_bn, fuse_projection=False)
-    x = randn((4, 16, 16, 1), seed=11)
-    v_fused, v_plain = fused.init(jax.random.key(3), x), plain.init(jax.random.key(3), x)
-    assert jax.tree.structure(v_fused) == jax.tree.structure(v_plain)
-    for a, b in zip(jax.tree.leaves(v_fused), jax.tree.leaves(v_plain), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert "proj_conv" in v_plain["params"]["block2"]  # the blocks that project are exercised
-    variables = numpy_init(plain, x)
-
-    def loss(params, model):
-        out, updates = model.apply({**variables, "params": params}, x, train=True,
-                                   mutable=["batch_stats"])
-        return jnp.sum(jnp.sin(out)), updates
-
-    (l_f, up_f), g_f = jax.value_and_grad(loss, has_aux=True)(variables["params"], fused)
-    (l_p, up_p), g_p = jax.value_and_grad(loss, has_aux=True)(variables["params"], plain)
-    np.testing.assert_allclose(l_f, l_p, rtol=1e-5)
-    # float32 rounding differs with the convolution's blocking; BatchNorm's backward over a batch of
-    # 4 amplifies it to ~5e-5 of the gradients' scale. A misrouted channel would differ by O(1).
-    for tree_f, tree_p in ((g_f, g_p), (up_f, up_p)):
-        scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(tree_p))
-        for a, b in zip(jax.tree.leaves(tree_f), jax.tree.leaves(tree_p), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4 * scale)
-    np.testing.assert_allclose(fused.apply(variables, x), plain.apply(variables, x), rtol=1e-5,
-                               atol=1e-6)
+    conv = functools.partial(nn.Conv, conv_general_dilated=counting_conv)
+    model = models.from_config(model_config(dtype="float32"), 8, conv=conv, pool=nn.max_pool)
+    assert (model.conv, model.pool, model.norm) == (conv, nn.max_pool, nn.BatchNorm)
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+    # stem + per block: 4 branches, the block's conv, and a projection where widths change (2 of 3)
+    assert len(calls) == 1 + 3 * 5 + 2
 
 
 def tiny_param_count(use_bn: bool, use_se: bool) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fermsca import onednn_conv
+from fermsca.perf import onednn_conv
 
 REPO = Path(__file__).resolve().parent.parent
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -186,14 +186,16 @@ def test_flax_conv_jit_grad():
 
 
 @needs_onednn
-# The fused projection is off by default (it measured no faster): its variant runs with the slow tests.
-@pytest.mark.parametrize("fuse_projection", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_fernet_train_step_matches_xla(fuse_projection):
-    """models.FERNet(conv_impl="onednn"): the same loss, gradients and BatchNorm statistics as XLA's."""
-    from fermsca import models
+def test_fernet_train_step_matches_xla():
+    """FERNet on perf's building blocks (oneDNN convolutions, argmax-routed pools) against FERNet on
+    Flax's (nn.Conv on XLA, nn.max_pool): the same loss, gradients and BatchNorm statistics."""
+    import ml_collections
 
-    kwargs = dict(num_classes=8, stem_width=8, widths=(8, 16, 32), fuse_projection=fuse_projection)
-    fast, ref = models.FERNet(**kwargs, conv_impl="onednn"), models.FERNet(**kwargs)
+    from fermsca import models, perf
+
+    kwargs = dict(num_classes=8, stem_width=8, widths=(8, 16, 32))
+    blocks = perf.building_blocks(ml_collections.ConfigDict({"conv_impl": "onednn", "dtype": "float32"}))
+    fast, ref = models.FERNet(**kwargs, **blocks), models.FERNet(**kwargs)
     x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 48, 48, 1)), jnp.float32)
     variables = ref.init(jax.random.key(2), x)
     assert "fermsca_onednn_conv_fwd" in _lowered(lambda v, x: fast.apply(v, x), variables, x)
@@ -274,7 +276,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from fermsca import onednn_conv
+    from fermsca.perf import onednn_conv
 
     assert jax.device_count() == 4, jax.devices()
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

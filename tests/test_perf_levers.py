@@ -11,10 +11,11 @@ def test_cumulative_variants_add_one_lever_each():
         assert levers[:len(previous)] == previous and len(levers) == len(previous) + (variant != "baseline")
         previous = levers
     assert perf_levers.levers_of("baseline")[0] == ()
-    assert "fused_projection" not in perf_levers.levers_of("onednn_unfused")[0]
-    # xla_default is what the default config runs: every lever that is on by default.
+    # argmax_pools, the end of the chain, is the default; xla_default is it without oneDNN.
+    assert set(perf_levers.levers_of("argmax_pools")[0]) == {
+        "fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools"}
     assert set(perf_levers.levers_of("xla_default")[0]) == {
-        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools"}
+        "fermsca_pools", "hugepage_malloc", "argmax_pools"}
     assert perf_levers.levers_of("bfloat16")[1] == {"dtype": "bfloat16"}
     assert set(perf_levers.NOTES) == set(perf_levers.VARIANTS)
 
@@ -23,7 +24,7 @@ def test_markdown_ratios():
     record = {"table": [
         {"variant": "baseline", "median_images_per_second": 100.0},
         {"variant": "fermsca_pools", "median_images_per_second": 150.0},
-        {"variant": "fused_projection", "median_images_per_second": 120.0},
+        {"variant": "hugepage_malloc", "median_images_per_second": 120.0},
         {"variant": "no_donation", "median_images_per_second": 140.0},
         {"variant": "bfloat16", "median_images_per_second": None},
     ]}
@@ -44,3 +45,26 @@ def test_earlier_3x3_pool_equals_flax_pooling():
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
     np.testing.assert_array_equal(perf_levers.separable_max_pool_3x3(x),
                                   nn.max_pool(x, (3, 3), (1, 1), "SAME"))
+
+
+def test_building_blocks_of_each_lever():
+    """Each variant's pool is nn.max_pool's values; the default variant gets perf's blocks."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from configs import default
+    from fermsca.perf import pooling
+
+    model_config = default.get_config().model
+    base = perf_levers.building_blocks(perf_levers.levers_of("baseline")[0], model_config)
+    assert base == {"conv": nn.Conv, "pool": nn.max_pool}
+    pools = perf_levers.building_blocks(("fermsca_pools",), model_config)["pool"]
+    assert pools is perf_levers.reshape_max_pool
+    model_config.conv_impl = "onednn"  # as the worker sets it for the oneDNN variants
+    full = perf_levers.building_blocks(perf_levers.levers_of("argmax_pools")[0], model_config)
+    assert full["pool"] is pooling.max_pool
+    assert repr(full["conv"].keywords["conv_general_dilated"]) == "conv_function('onednn')"
+    x = jax.random.normal(jax.random.key(1), (2, 8, 6, 3))
+    for args in (((2, 2), (2, 2), "VALID"), ((3, 3), (1, 1), "SAME"), ((2, 2), (1, 1), "SAME")):
+        np.testing.assert_array_equal(perf_levers.reshape_max_pool(x, *args), nn.max_pool(x, *args))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fermsca import pooling
+from fermsca.perf import pooling
 
 
 def flax_2x2(x):
@@ -102,3 +102,15 @@ def test_pools_under_vmap_jit_and_symbolic_batch():
     for pool in (pooling.max_pool_2x2, pooling.max_pool_3x3_same):
         exp = jax.export.export(jax.jit(pool))(spec)
         np.testing.assert_array_equal(exp.call(x[0]), pool(x[0]))
+
+
+def test_max_pool_is_a_drop_in_for_flax_max_pool():
+    """`pooling.max_pool` (FERNet's `pool` block) equals nn.max_pool, values and gradients, for
+    FERNet's two pools and anything else it hands through."""
+    x = jax.random.normal(jax.random.key(3), (2, 7, 6, 3))
+    for args in (((2, 2), (2, 2), "VALID"), ((3, 3), (1, 1), "SAME"), ((2, 2), None, "VALID"),
+                 ((3, 3), (2, 2), "SAME")):
+        np.testing.assert_array_equal(pooling.max_pool(x, *args), nn.max_pool(x, *args))
+        g = jax.grad(lambda x, args=args: jnp.sum(jnp.sin(pooling.max_pool(x, *args))))(x)
+        r = jax.grad(lambda x, args=args: jnp.sum(jnp.sin(nn.max_pool(x, *args))))(x)
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)

@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fermsca import cli, hostenv
+from fermsca.perf import hugepages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/ckplus.py", "Training config file.")
@@ -69,7 +70,7 @@ def benchmark(config, num_folds: int, steps: int, variants=VARIANTS) -> dict:
     import jax
     import numpy as np
 
-    from fermsca import bench, crossval, models, train
+    from fermsca import bench, crossval, perf, train
 
     num_classes = 7  # CK+
     batch = config.batch_size
@@ -79,8 +80,8 @@ def benchmark(config, num_folds: int, steps: int, variants=VARIANTS) -> dict:
     record = {"batch_size": batch, "folds": num_folds, "timed_steps": steps,
               "model_widths": list(config.model.widths), "stem_width": config.model.stem_width,
               "cpu": bench.cpu_model(), "device_kind": jax.devices()[0].device_kind,
-              "hugepage_malloc": hostenv.hugepage_malloc_active(), "jax": jax.__version__}
-    onednn = models.resolve_conv_impl("auto") == "onednn"
+              "hugepage_malloc": hugepages.active(), "jax": jax.__version__}
+    onednn = perf.resolve_conv_impl("auto") == "onednn"
     for variant in variants:
         kind, impl = variant.split("_")
         if impl == "onednn" and not onednn:
@@ -162,5 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    hostenv.ensure_hugepage_malloc()
+    hugepages.ensure()
     app.run(main)

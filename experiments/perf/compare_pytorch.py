@@ -12,12 +12,12 @@ medians over rounds:
 - `fermsca train step`: `train.Trainer.train_step` as training runs it (on-device augmentation,
   cosine loss eq. 4, Adam, the non-finite guard, metrics);
 - `fermsca model step`: forward, cosine loss, backward and Adam only, the work PyTorch does;
-- the same two with `config.model.conv_impl = "onednn"` where `fermsca.onednn_conv` is available;
+- the same two with `config.model.conv_impl = "onednn"` where `fermsca.perf.onednn_conv` is available;
 - `pytorch eager NCHW` and `pytorch eager channels_last`: forward, cosine loss, backward and
   `torch.optim.Adam` (eps 1e-7) on the same batch, with `torch.set_num_threads(os.cpu_count())`.
 
 FLOPs come from XLA's cost analysis of the compiled model step. Like `python -m fermsca.main`, the
-script restarts itself with huge-page malloc (`fermsca.hostenv`), which serves PyTorch too. Writes
+script restarts itself with huge-page malloc (`fermsca.perf.hugepages`), which serves PyTorch too. Writes
 experiments/results/bench/compare_pytorch.json.
 """
 
@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fermsca import augment, bench, hostenv, models, train
+from fermsca import augment, bench, models, train
+from fermsca.perf import hugepages
 
 OUTPUT = "experiments/results/bench/compare_pytorch.json"
 
@@ -183,7 +184,7 @@ def check_equivalence(model, variables, torch_model, images: np.ndarray) -> dict
 
 
 def onednn_available() -> bool:
-    from fermsca import onednn_conv
+    from fermsca.perf import onednn_conv
 
     return onednn_conv.available()
 
@@ -313,7 +314,7 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "parameters": n_flax,
         "equivalence": equivalence,
         "pytorch_channels_last_profile_ms_per_step": torch_profile,
-        "hugepage_malloc": hostenv.hugepage_malloc_active(),
+        "hugepage_malloc": hugepages.active(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__,
@@ -356,5 +357,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostenv.ensure_hugepage_malloc()
+    hugepages.ensure()
     main()

@@ -3,12 +3,12 @@
 For each convolution of FERNet (batch 128, float32, NHWC / HWIO, stride 1 SAME) it times, jitted and
 after compilation, the forward pass and forward + backward (`value_and_grad` of <y, r> w.r.t. both the
 input and the kernel) on XLA's CPU convolution (`lax.conv_general_dilated`) and on the oneDNN custom
-calls (`fermsca.onednn_conv`), and, where PyTorch is installed, on PyTorch eager channels_last (the
+calls (`fermsca.perf.onednn_conv`), and, where PyTorch is installed, on PyTorch eager channels_last (the
 same oneDNN family: `torch.nn.functional.conv2d`, forward under `no_grad`, forward + backward for
 input and weight gradients). Each timing is the median over `--rounds` interleaved rounds of the
 median of `--iters` calls, so a load spike from another process hits both paths alike; the load
 average before and after is recorded. Prints a table and writes JSON to --output. Like the other
-benchmarks it restarts itself once with huge-page malloc (`fermsca.hostenv`).
+benchmarks it restarts itself once with huge-page malloc (`fermsca.perf.hugepages`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fermsca import bench, hostenv, onednn_conv
+from fermsca import bench
+from fermsca.perf import hugepages, onednn_conv
 
 OUTPUT = Path(__file__).resolve().parents[1] / "results" / "bench" / "onednn_conv.json"
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -47,11 +48,6 @@ SHAPES = [
     ("b3 5x5 128->64 @6", 6, 128, 64, 5, 1),
     ("b3 3x3 256->256 @6", 6, 256, 256, 3, 1),
     ("b3 1x1 128->256 @6", 6, 128, 256, 1, 1),
-]
-# With `fuse_projection` the projection and the 1x1 branch run as one 1x1 convolution (not in the total).
-FUSED_SHAPES = [
-    ("b2 1x1 64->160 @12 (fused)", 12, 64, 160, 1, 0),
-    ("b3 1x1 128->320 @6 (fused)", 6, 128, 320, 1, 0),
 ]
 
 
@@ -152,14 +148,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--no-fused", action="store_true", help="Skip the fused 1x1 projection shapes.")
     parser.add_argument("--output", default=str(OUTPUT), help="JSON path; empty to skip writing.")
     args = parser.parse_args()
 
     reason = onednn_conv.unavailable_reason()
     if reason is not None:
         raise SystemExit(f"oneDNN fast path unavailable: {reason}")
-    shapes = SHAPES + ([] if args.no_fused else FUSED_SHAPES)
+    shapes = SHAPES
     load_before = os.getloadavg()
     begin = time.perf_counter()
     rows = []
@@ -187,7 +182,7 @@ def main() -> None:
     keys = ["xla_fwd_ms", "onednn_fwd_ms", "xla_fwd_bwd_ms", "onednn_fwd_bwd_ms"]
     keys += ["pytorch_fwd_ms", "pytorch_fwd_bwd_ms"] if with_torch else []
     totals = {key: sum(r[key] * r["count_in_network"] for r in rows) for key in keys}
-    print(f"{'network total (unfused)':28s} {totals['xla_fwd_ms']:8.2f} {totals['onednn_fwd_ms']:8.2f} "
+    print(f"{'network total':28s} {totals['xla_fwd_ms']:8.2f} {totals['onednn_fwd_ms']:8.2f} "
           f"{totals['xla_fwd_ms'] / totals['onednn_fwd_ms']:5.2f}   {totals['xla_fwd_bwd_ms']:8.2f} "
           f"{totals['onednn_fwd_bwd_ms']:8.2f} {totals['xla_fwd_bwd_ms'] / totals['onednn_fwd_bwd_ms']:5.2f}"
           + (f"   {totals['pytorch_fwd_ms']:9.2f} {totals['pytorch_fwd_bwd_ms']:9.2f}" if with_torch else ""))
@@ -201,13 +196,12 @@ def main() -> None:
         "rounds": args.rounds,
         "iters": args.iters,
         "rows": rows,
-        "network_total_unfused": totals,
+        "network_total": totals,
         "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"),
         "onednn": onednn_conv.build_info(),
-        "onednn_layout": onednn_conv.DEFAULT_LAYOUT,
         "torch": importlib.metadata.version("torch") if with_torch else None,
-        "hugepage_malloc": hostenv.hugepage_malloc_active(),
+        "hugepage_malloc": hugepages.active(),
         "cpu_model": bench.cpu_model(),
         "cpu_isa": _cpu_isa(),
         "cpu_count": os.cpu_count(),
@@ -224,5 +218,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostenv.ensure_hugepage_malloc()
+    hugepages.ensure()
     main()

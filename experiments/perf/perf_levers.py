@@ -2,27 +2,25 @@
 
 Each variant runs `fermsca.bench.benchmark` (paper configuration, batch 128, the full train step, after
 compilation) in its own process, so variants share no compiled code or caches; the variants are run in
-`--rounds` interleaved rounds and the table gives the median img/s. None changes the model's
-mathematics (results agree to float32 rounding; tests/test_models.py and tests/test_onednn_conv.py pin
-that). Cumulative, from a plain Flax/XLA version to everything on:
+`--rounds` interleaved rounds and the table gives the median img/s. A variant passes FERNet other
+building blocks (`models.from_config(..., conv=, pool=)`), sets glibc's tunable, or asks the benchmark
+not to donate buffers; none changes the model's mathematics (tests/test_models.py,
+tests/test_pooling.py and tests/test_onednn_conv.py pin that). Cumulative, from a plain Flax/XLA
+version to what `fermsca.perf.building_blocks` gives by default:
 
-- `baseline`: `nn.max_pool` (XLA select-and-scatter gradient), `nn.BatchNorm`, the residual
-  projection as its own convolution, glibc's default malloc;
-- `fermsca_pools`: + `models.max_pool_2x2` (reshape + max) and `models.max_pool_3x3_same` (separable
-  shifted maxima);
-- `fused_projection`: + the projection and the 1x1 branch as one convolution (measured slower, so
-  off in the default config: `config.model.fuse_projection`);
-- `fermsca_batchnorm`: + `models.BatchNorm` (normalisation as one multiply-add per element);
-- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.hostenv`);
-- `onednn_conv`: + convolutions through oneDNN (`config.model.conv_impl = "onednn"`, optional);
-- `argmax_pools`: + `fermsca.pooling` (each pool records its window's argmax as int8 in the forward
-  pass and routes the gradient by it; the reshape-max and separable pools before it take their
-  gradient from JAX's rule for `max`: compare, count ties, divide).
+- `baseline`: `nn.Conv` on XLA, `nn.max_pool` (XLA select-and-scatter gradient), glibc's default malloc;
+- `fermsca_pools`: + max-pooling as reshape-max (2x2) and separable shifted maxima (3x3);
+- `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.perf.hugepages`);
+- `onednn_conv`: + convolutions through oneDNN (`fermsca.perf.onednn_conv`);
+- `argmax_pools`: + `fermsca.perf.pooling.max_pool` (each pool records its window's argmax as int8 in
+  the forward pass and routes the gradient by it; the pools before it take their gradient from JAX's
+  rule for `max`: compare, count ties, divide). This is the default on x86-64 Linux.
 
-Ablations: `onednn_unfused` (everything but the fused projection: the fastest configuration),
-`xla_default` (what `python -m fermsca.main` runs by default: everything but the fused projection and
-oneDNN), `no_donation` (`xla_default` without donating the state's buffers to the step) and `bfloat16`
-(`xla_default` computing in bfloat16, parameters float32).
+Ablations: `xla_default` (the default where oneDNN cannot run: everything but oneDNN), `no_donation`
+(`xla_default` without donating the state's buffers to the step) and `bfloat16` (`xla_default`
+computing in bfloat16, parameters float32). Two earlier levers measured no gain and were removed:
+the residual projection fused with the 1x1 branch into one convolution, and a hand-written BatchNorm
+(experiments/perf/README.md has their numbers).
 """
 
 import argparse
@@ -32,16 +30,15 @@ import statistics
 import subprocess
 import sys
 
-from fermsca import bench, hostenv
+from fermsca import bench
+from fermsca.perf import hugepages
 
-CUMULATIVE = ("baseline", "fermsca_pools", "fused_projection", "fermsca_batchnorm", "hugepage_malloc",
-              "onednn_conv", "argmax_pools")
-_DEFAULT = ("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools")
+CUMULATIVE = ("baseline", "fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools")
+_XLA_DEFAULT = ("fermsca_pools", "hugepage_malloc", "argmax_pools")
 ABLATIONS = {  # variant: (levers on, config changes)
-    "onednn_unfused": (_DEFAULT + ("onednn_conv",), {}),
-    "xla_default": (_DEFAULT, {}),
-    "no_donation": (_DEFAULT + ("no_donation",), {}),
-    "bfloat16": (_DEFAULT, {"dtype": "bfloat16"}),
+    "xla_default": (_XLA_DEFAULT, {}),
+    "no_donation": (_XLA_DEFAULT + ("no_donation",), {}),
+    "bfloat16": (_XLA_DEFAULT, {"dtype": "bfloat16"}),
 }
 VARIANTS = CUMULATIVE + tuple(ABLATIONS)
 OUTPUT = "experiments/results/bench/perf_levers.json"
@@ -66,49 +63,59 @@ def separable_max_pool_3x3(x):
     return jnp.maximum(jnp.maximum(cols[0], cols[1]), cols[2])
 
 
-def _worker(variant: str, seconds: float) -> dict:
+def reshape_max_pool(x, window_shape, strides=None, padding="VALID"):
+    """The `fermsca_pools` lever: `nn.max_pool`'s two FERNet pools as a reshape-max (2x2) and separable
+    shifted maxima (3x3), differentiated by JAX's rule for `max`."""
     import flax.linen as nn
-    import jax
 
+    from fermsca.perf import pooling
+
+    if tuple(window_shape) == (2, 2) and tuple(strides) == (2, 2) and padding == "VALID":
+        return pooling.reshape_max_2x2(x)
+    if tuple(window_shape) == (3, 3) and tuple(strides) == (1, 1) and padding == "SAME":
+        return separable_max_pool_3x3(x)
+    return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+
+
+def building_blocks(levers, model_config) -> dict:
+    """FERNet's convolution and pool under `levers`."""
+    import flax.linen as nn
+
+    from fermsca import perf
+    from fermsca.perf import pooling
+
+    if "argmax_pools" in levers:
+        pool = pooling.max_pool
+    elif "fermsca_pools" in levers:
+        pool = reshape_max_pool
+    else:
+        pool = nn.max_pool
+    conv = perf.building_blocks(model_config)["conv"] if "onednn_conv" in levers else nn.Conv
+    return {"conv": conv, "pool": pool}
+
+
+def _worker(variant: str, seconds: float) -> dict:
     from configs import ferplus
-    from fermsca import bench, models, pooling
+    from fermsca import bench, models
 
     levers, model_changes = levers_of(variant)
     config = ferplus.get_config()
     config.model.update(model_changes)
-    config.model.fuse_projection = "fused_projection" in levers
-    if "fermsca_pools" not in levers:
-        models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
-        models.max_pool_3x3_same = lambda x: nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")
-    elif "argmax_pools" not in levers:
-        models.max_pool_2x2 = pooling.reshape_max_2x2
-        models.max_pool_3x3_same = separable_max_pool_3x3
-    if "fermsca_batchnorm" not in levers:
-        models.BatchNorm = nn.BatchNorm
     config.model.conv_impl = "onednn" if "onednn_conv" in levers else "xla"
-    if "no_donation" in levers:
-        jit = jax.jit
-
-        def jit_without_donation(fn, **kwargs):
-            kwargs.pop("donate_argnums", None)
-            return jit(fn, **kwargs)
-        jax.jit = jit_without_donation  # this worker process only: no step donates its inputs
-    record = bench.benchmark(config, 128, seconds)
+    model = models.from_config(config.model, 8, **building_blocks(levers, config.model))
+    record = bench.benchmark(config, 128, seconds, model=model, donate="no_donation" not in levers)
     record["variant"] = variant
     record["levers"] = list(levers)
     return record
 
 
 NOTES = {
-    "baseline": "plain Flax/XLA: nn.max_pool, nn.BatchNorm, glibc malloc",
+    "baseline": "plain Flax/XLA: nn.Conv, nn.max_pool, nn.BatchNorm, glibc malloc",
     "fermsca_pools": "max-pooling as reshape-max and separable shifted maxima",
-    "fused_projection": "1x1 branch + projection as one convolution",
-    "fermsca_batchnorm": "BatchNorm as x * a + b",
     "hugepage_malloc": "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
     "onednn_conv": "convolutions through the oneDNN custom call",
-    "argmax_pools": "pool gradients routed by a stored int8 argmax",
-    "onednn_unfused": "argmax_pools without the fused projection",
-    "xla_default": "the default: onednn_unfused with XLA convolutions",
+    "argmax_pools": "pool gradients routed by a stored int8 argmax (the default)",
+    "xla_default": "the default where oneDNN cannot run: argmax_pools on XLA convolutions",
     "no_donation": "xla_default, state buffers not donated",
     "bfloat16": "xla_default, bfloat16 compute",
 }
@@ -154,7 +161,7 @@ def main() -> None:
         for variant in args.variants:
             env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
             if "hugepage_malloc" in levers_of(variant)[0]:
-                env["GLIBC_TUNABLES"] = hostenv.TUNABLE
+                env["GLIBC_TUNABLES"] = hugepages.TUNABLE
             out = subprocess.run([sys.executable, "-m", "experiments.perf.perf_levers", "--worker", variant,
                                   f"--seconds={args.seconds}"], capture_output=True, text=True, env=env)
             if out.returncode:

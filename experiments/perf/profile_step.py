@@ -31,7 +31,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fermsca import bench, hostenv
+from fermsca import bench
+from fermsca.perf import hugepages
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
@@ -224,5 +225,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    hostenv.ensure_hugepage_malloc()
+    hugepages.ensure()
     main()

@@ -1,21 +1,35 @@
 """Max-pooling for FERNet (Fig. 4's 2x2 pools, Fig. 2's 3x3 pool branch) with a cheap backward pass.
 
-Both functions compute exactly what `flax.linen.max_pool` computes, values and gradients: the gradient
+`max_pool` is a drop-in for `flax.linen.max_pool` (FERNet's `pool` building block): its two pools
+run as `max_pool_2x2` and `max_pool_3x3_same`, anything else as `nn.max_pool`. Those two compute
+exactly what `flax.linen.max_pool` computes, values and gradients: the gradient
 of each window goes to its first maximum in row-major window order, as XLA's select-and-scatter does.
 They differ in how: the forward pass also records, as one int8 per output, which window position held
 the maximum, and the backward pass routes each output gradient by that index with elementwise
 operations, one pass over the gradient. XLA's CPU select-and-scatter, and the gradient JAX derives for
 a `max` reduction (compare, count ties, divide), take several passes over the activations
-(experiments/results/bench/perf_levers.json: `argmax_pools`).
+(`python -m experiments.perf.perf_levers`: `argmax_pools`).
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+def max_pool(inputs: jax.Array, window_shape: tuple[int, ...], strides: tuple[int, ...] | None = None,
+             padding: str = "VALID") -> jax.Array:
+    """`nn.max_pool` with the same arguments and results, fast for FERNet's two NHWC pools."""
+    strides = tuple(strides) if strides is not None else (1,) * len(window_shape)
+    if inputs.ndim == 4 and tuple(window_shape) == (2, 2) and strides == (2, 2) and padding == "VALID":
+        return max_pool_2x2(inputs)
+    if inputs.ndim == 4 and tuple(window_shape) == (3, 3) and strides == (1, 1) and padding == "SAME":
+        return max_pool_3x3_same(inputs)
+    return nn.max_pool(inputs, window_shape, strides=strides, padding=padding)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -66,12 +66,6 @@ TARGETS = {
 INSTALL_HINT = ("pip install -e . (on x86-64 Linux it installs onednn-cpu-tbb onednn-devel-cpu-tbb "
                 "intel-cmplr-lib-rt)")
 
-# Memory layout policy handed to the C++ side (see csrc/onednn_conv.cc):
-#   0: activations stay NHWC, oneDNN picks the kernel layout (kernel reordered per call),
-#   1: oneDNN picks every layout (activations reordered too), 2: plain NHWC / HWIO, no reorders.
-LAYOUT_WEIGHTS_ANY, LAYOUT_ALL_ANY, LAYOUT_PLAIN = 0, 1, 2
-DEFAULT_LAYOUT = LAYOUT_WEIGHTS_ANY
-
 _NHWC_DN = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -318,11 +312,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def library_path() -> Path:
-    _load()
-    return _state["path"]
-
-
 def onednn_version() -> str:
     """Version of the oneDNN library actually loaded (e.g. '3.13.2 (<git hash>)')."""
     return _load().fermsca_onednn_version().decode()
@@ -357,7 +346,6 @@ class ConvConfig(NamedTuple):
     dilation: tuple[int, int]
     pad_lo: tuple[int, int]
     pad_hi: tuple[int, int]
-    layout: int = DEFAULT_LAYOUT
 
 
 def _attrs(cfg: ConvConfig) -> dict:
@@ -366,7 +354,6 @@ def _attrs(cfg: ConvConfig) -> dict:
         dilation=np.asarray(cfg.dilation, np.int64),
         pad_lo=np.asarray(cfg.pad_lo, np.int64),
         pad_hi=np.asarray(cfg.pad_hi, np.int64),
-        layout=np.int64(cfg.layout),
     )
 
 
@@ -530,8 +517,7 @@ def _as_pairs(v, n: int = 2) -> tuple[int, ...] | None:
 
 
 def plan(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-         feature_group_count=1, batch_group_count=1, preferred_element_type=None,
-         layout: int = DEFAULT_LAYOUT) -> ConvConfig | str:
+         feature_group_count=1, batch_group_count=1, preferred_element_type=None) -> ConvConfig | str:
     """The oneDNN configuration for a convolution, or a string saying why it goes to XLA instead."""
     if disabled():
         return "disabled by FERMSCA_ONEDNN=0"
@@ -566,7 +552,7 @@ def plan(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
         pads = [tuple(int(i) for i in p) for p in padding]
     if len(pads) != 2 or any(len(p) != 2 for p in pads) or min(min(p) for p in pads) < 0:
         return "negative or malformed padding"
-    cfg = ConvConfig(strides, dilation, (pads[0][0], pads[1][0]), (pads[0][1], pads[1][1]), layout)
+    cfg = ConvConfig(strides, dilation, (pads[0][0], pads[1][0]), (pads[0][1], pads[1][1]))
     if min(_out_spatial(cfg, tuple(lhs.shape[1:3]), khw)) < 1:
         return "empty output"
     if jax.default_backend() != "cpu":
@@ -602,26 +588,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     )
 
 
-def conv(x, w, strides=(1, 1), padding="SAME", layout: int = DEFAULT_LAYOUT):
+def conv(x, w, strides=(1, 1), padding="SAME"):
     """oneDNN convolution of NHWC `x` with HWIO `w` (float32); raises when it cannot run on oneDNN."""
-    cfg = plan(x, w, strides, padding, dimension_numbers=_NHWC_DN, layout=layout)
+    cfg = plan(x, w, strides, padding, dimension_numbers=_NHWC_DN)
     if not isinstance(cfg, ConvConfig):
         raise OneDNNUnavailable(cfg)
     return _conv(x, w, cfg)
 
 
-def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME",
-              layout: int = DEFAULT_LAYOUT) -> str:
+def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME") -> str:
     """The oneDNN implementation chosen for a convolution ('fwd', 'bwd_data' or 'bwd_weights')."""
     x = jax.ShapeDtypeStruct(tuple(x_shape), np.float32)
     w = jax.ShapeDtypeStruct(tuple(w_shape), np.float32)
-    cfg = plan(x, w, strides, padding, dimension_numbers=_NHWC_DN, layout=layout)
+    cfg = plan(x, w, strides, padding, dimension_numbers=_NHWC_DN)
     if not isinstance(cfg, ConvConfig):
         raise OneDNNUnavailable(cfg)
     oh, ow = _out_spatial(cfg, tuple(x_shape[1:3]), tuple(w_shape[:2]))
     n, h, wd, c = x_shape
     kh, kw, _, o = w_shape
-    geom = (n, c, h, wd, o, kh, kw, oh, ow, *cfg.strides, *cfg.dilation, *cfg.pad_lo, *cfg.pad_hi, cfg.layout)
+    geom = (n, c, h, wd, o, kh, kw, oh, ow, *cfg.strides, *cfg.dilation, *cfg.pad_lo, *cfg.pad_hi)
     arr = (ctypes.c_int64 * len(geom))(*geom)
     buf = ctypes.create_string_buffer(512)
     rc = _load().fermsca_onednn_impl_info(list(TARGETS).index(kind), arr, buf, len(buf))

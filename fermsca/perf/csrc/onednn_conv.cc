@@ -6,11 +6,8 @@
 //   fermsca_onednn_conv_bwd_data     dy [N,OH,OW,O], w [KH,KW,C,O] -> dx [N,H,W,C]
 //   fermsca_onednn_conv_bwd_weights  x [N,H,W,C], dy [N,OH,OW,O]  -> dw [KH,KW,C,O]
 // Attributes: strides, dilation (JAX convention: 1 = dense), pad_lo, pad_hi (two entries each, H then
-// W), and `layout`:
-//   0  activations stay in the caller's NHWC layout, the kernel layout is left to oneDNN
-//      (the HWIO kernel / kernel gradient is reordered on every call; it is small);
-//   1  every operand's layout is left to oneDNN (activations are reordered in and out too);
-//   2  no reorders at all: oneDNN must work on NHWC / HWIO directly.
+// W). Activations stay in the caller's NHWC layout; the kernel layout is left to oneDNN (the HWIO
+// kernel / kernel gradient is reordered on every call; it is small).
 //
 // Primitives are built once per (kind, shapes, attributes) and cached; execution is thread-safe:
 // each call brings its own scratchpad (user scratchpad mode) and the reorder buffers live in a
@@ -50,14 +47,13 @@ struct ConvGeom {
   int64_t sh, sw;          // strides
   int64_t dh, dw;          // dilation, JAX convention (1 = none)
   int64_t plh, plw, phh, phw;  // padding low/high
-  int64_t layout;
 };
 
-using Key = std::array<int64_t, 19>;
+using Key = std::array<int64_t, 18>;
 
 Key MakeKey(Kind kind, const ConvGeom& g) {
   return Key{kind, g.n, g.c, g.h, g.w, g.o, g.kh, g.kw, g.oh, g.ow, g.sh,
-             g.sw, g.dh, g.dw, g.plh, g.plw, g.phh, g.phw, g.layout};
+             g.sw, g.dh, g.dw, g.plh, g.plw, g.phh, g.phw};
 }
 
 struct KeyHash {
@@ -136,16 +132,12 @@ std::unique_ptr<Plan> BuildPlan(Kind kind, const ConvGeom& g) {
   const memory::desc y_user = ActDesc(g.n, g.o, g.oh, g.ow, tag::nhwc);
   const memory::desc w_user = WeiDesc(g, tag::hwio);
 
-  const bool act_any = g.layout == 1;
-  const bool wei_any = g.layout == 0 || g.layout == 1;
-  const memory::desc x_q = act_any ? ActDesc(g.n, g.c, g.h, g.w, tag::any) : x_user;
-  const memory::desc y_q = act_any ? ActDesc(g.n, g.o, g.oh, g.ow, tag::any) : y_user;
-  const memory::desc w_q = wei_any ? WeiDesc(g, tag::any) : w_user;
+  const memory::desc w_any = WeiDesc(g, tag::any);  // oneDNN's choice; the HWIO kernel is reordered
 
   const auto attr = UserScratchAttr();
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc fwd_pd(
-      Engine(), dnnl::prop_kind::forward_training, algo, x_q, w_q, y_q, strides, dilates, pad_l,
+      Engine(), dnnl::prop_kind::forward_training, algo, x_user, w_any, y_user, strides, dilates, pad_l,
       pad_r, attr);
 
   auto plan = std::make_unique<Plan>();
@@ -158,7 +150,7 @@ std::unique_ptr<Plan> BuildPlan(Kind kind, const ConvGeom& g) {
     FinishOperand(plan->in1, DNNL_ARG_WEIGHTS, w_user, fwd_pd.weights_desc(), false, scratch);
     FinishOperand(plan->out, DNNL_ARG_DST, y_user, fwd_pd.dst_desc(), true, scratch);
   } else if (kind == kBwdData) {
-    dnnl::convolution_backward_data::primitive_desc pd(Engine(), algo, x_q, w_q, y_q, strides,
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), algo, x_user, w_any, y_user, strides,
                                                        dilates, pad_l, pad_r, fwd_pd, attr);
     plan->prim = dnnl::convolution_backward_data(pd);
     scratch = pd.scratchpad_desc().get_size();
@@ -167,7 +159,7 @@ std::unique_ptr<Plan> BuildPlan(Kind kind, const ConvGeom& g) {
     FinishOperand(plan->in1, DNNL_ARG_WEIGHTS, w_user, pd.weights_desc(), false, scratch);
     FinishOperand(plan->out, DNNL_ARG_DIFF_SRC, x_user, pd.diff_src_desc(), true, scratch);
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), algo, x_q, w_q, y_q, strides,
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), algo, x_user, w_any, y_user, strides,
                                                           dilates, pad_l, pad_r, fwd_pd, attr);
     plan->prim = dnnl::convolution_backward_weights(pd);
     scratch = pd.scratchpad_desc().get_size();
@@ -304,8 +296,7 @@ void Execute(const Plan& plan, const void* in0, const void* in1, void* out) {
 
 // Fills the attribute part of a geometry and checks it.
 ffi::Error ReadAttrs(ConvGeom& g, ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilation,
-                     ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
-                     int64_t layout) {
+                     ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   if (strides.size() != 2 || dilation.size() != 2 || pad_lo.size() != 2 || pad_hi.size() != 2) {
     return ffi::Error::InvalidArgument(
         "onednn_conv: strides, dilation, pad_lo and pad_hi must have two entries each");
@@ -318,12 +309,8 @@ ffi::Error ReadAttrs(ConvGeom& g, ffi::Span<const int64_t> strides, ffi::Span<co
   g.plw = pad_lo[1];
   g.phh = pad_hi[0];
   g.phw = pad_hi[1];
-  g.layout = layout;
   if (g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1) {
     return ffi::Error::InvalidArgument("onednn_conv: strides and dilation must be >= 1");
-  }
-  if (layout < 0 || layout > 2) {
-    return ffi::Error::InvalidArgument("onednn_conv: layout must be 0, 1 or 2");
   }
   return ffi::Error::Success();
 }
@@ -358,13 +345,13 @@ using I64s = ffi::Span<const int64_t>;
 bool Rank4(const F32Buf& b) { return b.dimensions().size() == 4; }
 
 ffi::Error ConvFwd(F32Buf x, F32Buf w, F32Res y, I64s strides, I64s dilation, I64s pad_lo,
-                   I64s pad_hi, int64_t layout) {
+                   I64s pad_hi) {
   if (!Rank4(x) || !Rank4(w) || y->dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4");
   }
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   ConvGeom g{xd[0], xd[3], xd[1], xd[2], wd[3], wd[0], wd[1], yd[1], yd[2]};
-  if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi, layout); err.failure()) return err;
+  if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi); err.failure()) return err;
   if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes (forward)");
   }
@@ -374,13 +361,13 @@ ffi::Error ConvFwd(F32Buf x, F32Buf w, F32Res y, I64s strides, I64s dilation, I6
 }
 
 ffi::Error ConvBwdData(F32Buf dy, F32Buf w, F32Res dx, I64s strides, I64s dilation, I64s pad_lo,
-                       I64s pad_hi, int64_t layout) {
+                       I64s pad_hi) {
   if (!Rank4(dy) || !Rank4(w) || dx->dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4");
   }
   auto yd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
   ConvGeom g{xd[0], xd[3], xd[1], xd[2], wd[3], wd[0], wd[1], yd[1], yd[2]};
-  if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi, layout); err.failure()) return err;
+  if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi); err.failure()) return err;
   if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes (backward data)");
   }
@@ -390,13 +377,13 @@ ffi::Error ConvBwdData(F32Buf dy, F32Buf w, F32Res dx, I64s strides, I64s dilati
 }
 
 ffi::Error ConvBwdWeights(F32Buf x, F32Buf dy, F32Res dw, I64s strides, I64s dilation, I64s pad_lo,
-                          I64s pad_hi, int64_t layout) {
+                          I64s pad_hi) {
   if (!Rank4(x) || !Rank4(dy) || dw->dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4");
   }
   auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
   ConvGeom g{xd[0], xd[3], xd[1], xd[2], wd[3], wd[0], wd[1], yd[1], yd[2]};
-  if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi, layout); err.failure()) return err;
+  if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi); err.failure()) return err;
   if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes (backward weights)");
   }
@@ -415,8 +402,7 @@ ffi::Error ConvBwdWeights(F32Buf x, F32Buf dy, F32Res dw, I64s strides, I64s dil
       .Attr<I64s>("strides")                \
       .Attr<I64s>("dilation")               \
       .Attr<I64s>("pad_lo")                 \
-      .Attr<I64s>("pad_hi")                 \
-      .Attr<int64_t>("layout")
+      .Attr<I64s>("pad_hi")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fermsca_onednn_conv_fwd, ConvFwd, FERMSCA_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fermsca_onednn_conv_bwd_data, ConvBwdData,
@@ -445,8 +431,7 @@ int fermsca_onednn_impl_info(int64_t kind, const int64_t* geom, char* buf, int64
   int rc = 0;
   try {
     ConvGeom g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8],
-               geom[9], geom[10], geom[11], geom[12], geom[13], geom[14], geom[15], geom[16],
-               geom[17]};
+               geom[9], geom[10], geom[11], geom[12], geom[13], geom[14], geom[15], geom[16]};
     if (kind < kFwd || kind > kBwdWeights) throw std::invalid_argument("bad kind");
     const Plan& plan = Cache().Get(static_cast<Kind>(kind), g);
     out = plan.impl;

@@ -1,0 +1,115 @@
+"""Speed work, kept apart from the paper's network: the building blocks `models.FERNet` runs with.
+
+FERNet takes its convolution and its pools as module arguments (`flax.linen.Conv`, `nn.max_pool` by
+default). `building_blocks(config.model)` is the one place that chooses faster drop-ins with the
+same parameters and mathematics:
+
+- `conv`: `nn.Conv` whose convolution runs through oneDNN (`onednn_conv`, a CPU custom call) when
+  `config.model.conv_impl` resolves to "onednn", XLA's otherwise;
+- `pool`: `pooling.max_pool`, whose gradient is routed by an int8 argmax stored in the forward pass.
+
+`hugepages` backs large allocations with transparent huge pages (called by the command-line entry
+points). What each lever gains, and the levers that were tried and removed, are measured in
+experiments/perf/README.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+
+from fermsca.perf import pooling
+
+log = logging.getLogger(__name__)
+
+# config.model.conv_impl: "auto" (oneDNN where it can run, see `resolve_conv_impl`), "xla" or "onednn".
+# The paths share parameters and mathematics; only the speed differs.
+CONV_IMPLS = ("auto", "xla", "onednn")
+
+
+def check_conv_impl(conv_impl: str) -> None:
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"config.model.conv_impl={conv_impl!r}: expected one of {list(CONV_IMPLS)}")
+
+
+def resolve_conv_impl(conv_impl: str, dtype: str = "float32") -> str:
+    """The convolution path that `conv_impl` runs on: "xla" or "onednn".
+
+    "auto": oneDNN on a CPU backend on x86-64 Linux when its extension builds and loads and the
+    model computes in float32, XLA otherwise (GPU, other CPUs, bfloat16, FERMSCA_ONEDNN=0); never
+    fails, and warns once when oneDNN should run here but cannot. "onednn" raises when unavailable.
+    Cached: the check (and the g++ build, itself cached on disk) happens once per process.
+    """
+    check_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        # oneDNN takes float32 convolutions only: no extension to build for nothing.
+        return _resolve_auto(jax.default_backend()) if dtype == "float32" else "xla"
+    if conv_impl == "onednn":
+        from fermsca.perf import onednn_conv
+
+        if not onednn_conv.available():
+            raise RuntimeError(
+                f"config.model.conv_impl='onednn' is unavailable: {onednn_conv.unavailable_reason()}")
+    return conv_impl
+
+
+@functools.cache
+def _resolve_auto(backend: str) -> str:
+    if backend != "cpu":
+        return "xla"  # accelerators: XLA's own convolution libraries
+    from fermsca.perf import onednn_conv
+
+    if not onednn_conv.supported_platform():
+        log.info("config.model.conv_impl='auto': XLA convolutions (the oneDNN path is x86-64 Linux only)")
+        return "xla"
+    if onednn_conv.disabled():
+        log.info("config.model.conv_impl='auto': XLA convolutions (FERMSCA_ONEDNN=0)")
+        return "xla"
+    reason = onednn_conv.unavailable_reason()
+    if reason is None:
+        return "onednn"
+    log.warning(
+        "config.model.conv_impl='auto': oneDNN convolutions unavailable (%s); convolutions run on XLA, "
+        "about 1.7-3x slower on this CPU. To fix: install g++ (apt-get install g++) or set CXX to a C++ "
+        "compiler, and oneDNN (pip install -e .); conv_impl=onednn shows the whole error, "
+        "conv_impl=xla silences this.", (reason.splitlines() or ["no reason given"])[0][:300])
+    return "xla"
+
+
+def conv_function(conv_impl: str, dtype: str = "float32") -> Callable:
+    """The `lax.conv_general_dilated` drop-in that `conv_impl` runs on (see `resolve_conv_impl`)."""
+    if resolve_conv_impl(conv_impl, dtype) == "xla":
+        return lax.conv_general_dilated
+    from fermsca.perf import onednn_conv
+
+    return onednn_conv.conv_general_dilated
+
+
+class _LazyConvFunction:
+    """Resolves `conv_impl` when the model is first traced, not when it is built, so that building
+    a model only to load, check or export weights never compiles the oneDNN extension."""
+
+    def __init__(self, conv_impl: str, dtype: str):
+        check_conv_impl(conv_impl)
+        self.conv_impl, self.dtype = conv_impl, dtype
+
+    def __call__(self, *args, **kwargs):
+        return conv_function(self.conv_impl, self.dtype)(*args, **kwargs)
+
+    def __repr__(self):
+        return f"conv_function({self.conv_impl!r})"
+
+
+def building_blocks(model_config: Any, conv_general_dilated: Callable | None = None) -> dict[str, Any]:
+    """FERNet's fast building blocks for `model_config` (its conv_impl and dtype), as keyword
+    arguments of `models.from_config`: {"conv": nn.Conv on the chosen convolution, "pool":
+    `pooling.max_pool`}. `conv_general_dilated` overrides the convolution function (e.g. the
+    per-fold convolution of `fermsca.crossval`)."""
+    conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, model_config.dtype)
+    return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "pool": pooling.max_pool}
