@@ -62,8 +62,8 @@ def create_schedule(config: Any, steps_per_epoch: int, num_epochs: int) -> optax
     if kind == "constant":
         return optax.constant_schedule(float(config.learning_rate))
     if kind == "table1":
-        boundaries = config.get("boundary_epochs") or table1_boundaries(num_epochs)
-        values = config.get("values") or TABLE1_VALUES
+        boundaries = config.boundary_epochs or table1_boundaries(num_epochs)
+        values = config.values or TABLE1_VALUES
         return piecewise_constant(values, boundaries, steps_per_epoch)
     raise ValueError(f"config.optimizer.schedule={kind!r}: expected 'table1' or 'constant'")
 
@@ -78,9 +78,9 @@ def create_optimizer(
     if schedule is None:
         schedule = create_schedule(config, steps_per_epoch, num_epochs)
     parts = []
-    if config.get("grad_clip_norm"):
+    if config.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    if config.get("weight_decay"):
+    if config.weight_decay:
         parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                                  weight_decay=config.weight_decay))
     else:
