@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fermsca import cli, hostenv, predict, report
+from fermsca import cli, hostenv, inference, report
 
 SPLITS = ("test", "validation", "train")
 
@@ -38,7 +38,7 @@ def evaluate_split(classify: Callable[[np.ndarray], np.ndarray], split: Any,
     """Metrics of a classifier on a split (anything with `images` [N,48,48,1] and `targets` [N,K]).
 
     Args:
-      classify: uint8 faces [N, 48, 48, 1] -> probabilities [N, K], e.g. a `predict.Classifier`.
+      classify: uint8 faces [N, 48, 48, 1] -> probabilities [N, K], e.g. an `inference.Classifier`.
       split: the examples; targets may be one-hot or vote distributions.
       class_names: K names, in target order.
 
@@ -67,7 +67,7 @@ def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = N
     """
     from fermsca import datasets  # TF and TFDS: only when a dataset is actually read
 
-    loaded = predict.load_model(checkpoint_path)
+    loaded = inference.load(checkpoint_path)
     dataset_config = loaded.config.dataset
     if manual_dir is not None:
         dataset_config.manual_dir = manual_dir
@@ -81,8 +81,7 @@ def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = N
     if tuple(data.class_names) != loaded.class_names:
         raise ValueError(f"dataset {data.name} classes {list(data.class_names)} differ from the "
                          f"checkpoint's {list(loaded.class_names)}")
-    classifier = predict.Classifier(loaded.model, loaded.variables, loaded.class_names, tta=tta,
-                                    batch_size=batch_size)
+    classifier = loaded.classifier(tta=tta, batch_size=batch_size)
     metrics = evaluate_split(classifier, data.splits[split], loaded.class_names)
     results = {"checkpoint": loaded.path, "step": loaded.step, "dataset": data.name,
                "split": split, "source": data.source, "tta": tta,

@@ -3,7 +3,7 @@
     python -m fermsca.export --checkpoint DIR --output OUTDIR [--formats savedmodel,tflite,onnx]
         [--input_dtype float32|uint8]
 
-Every format computes `predict.probabilities` without TTA: raw grayscale faces [N, 48, 48, 1] with
+Every format computes `inference.probabilities` without TTA: raw grayscale faces [N, 48, 48, 1] with
 pixel values 0-255 (float32 or uint8) -> softmax probabilities [N, K]. The per-image
 standardisation of training (`augment.preprocess`) is inside the exported graph.
 
@@ -26,7 +26,6 @@ Needs the [export] extra: tf2onnx, onnx, onnxruntime and ai-edge-litert.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -37,10 +36,9 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fermsca import cli, predict
+from fermsca import cli, inference
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 INPUT_NAME = "images"
@@ -66,20 +64,20 @@ def check_inputs(num: int = 8, seed: int = 0) -> np.ndarray:
     return images
 
 
-def _float32(loaded: predict.LoadedModel) -> predict.LoadedModel:
+def _float32(loaded: inference.LoadedModel) -> inference.LoadedModel:
     """The model computing in float32 on XLA's convolutions, whatever precision and conv_impl it was
     trained with."""
     # jax2tf cannot lower the oneDNN custom call: export always runs XLA's convolutions.
-    return dataclasses.replace(loaded, model=loaded.model.clone(dtype=jnp.float32, conv_impl="xla"))
+    return loaded.rebuild(conv_impl="xla", dtype="float32")
 
 
-def jax_probabilities(loaded: predict.LoadedModel, images: np.ndarray) -> np.ndarray:
-    """The reference: `predict.probabilities` in float32 without TTA, as NumPy."""
-    fn = jax.jit(functools.partial(predict.probabilities, model=_float32(loaded).model))
+def jax_probabilities(loaded: inference.LoadedModel, images: np.ndarray) -> np.ndarray:
+    """The reference: `inference.probabilities` in float32 without TTA, as NumPy."""
+    fn = jax.jit(functools.partial(inference.probabilities, model=_float32(loaded).model))
     return np.asarray(fn(loaded.variables, images), np.float32)
 
 
-def export_savedmodel(loaded: predict.LoadedModel, directory: str,
+def export_savedmodel(loaded: inference.LoadedModel, directory: str,
                       input_dtype: str = "float32") -> str:
     """Writes a SavedModel whose signature takes raw pixels [None, 48, 48, 1] of `input_dtype`.
 
@@ -89,7 +87,7 @@ def export_savedmodel(loaded: predict.LoadedModel, directory: str,
     from jax.experimental import jax2tf
 
     tf = _tf()
-    serve_jax = functools.partial(predict.probabilities, model=_float32(loaded).model)
+    serve_jax = functools.partial(inference.probabilities, model=_float32(loaded).model)
     serve_tf = jax2tf.convert(serve_jax, polymorphic_shapes=[None, f"(b, {SIZE}, {SIZE}, 1)"],
                               with_gradient=False, native_serialization_platforms=("cpu", "cuda"))
     module = tf.Module()
@@ -218,7 +216,7 @@ def export(checkpoint_path: str, outdir: str, formats: Sequence[str] = FORMATS, 
         raise ValueError(f"formats {list(formats)}: expected a subset of {list(FORMATS)}")
     if input_dtype not in ("float32", "uint8"):
         raise ValueError(f"input_dtype must be float32 or uint8, got {input_dtype!r}")
-    loaded = predict.load_model(checkpoint_path)
+    loaded = inference.load(checkpoint_path)
     os.makedirs(outdir, exist_ok=True)
     paths = {f: os.path.join(outdir, FILES[f]) for f in FORMATS}
     export_savedmodel(loaded, paths["savedmodel"], input_dtype)

@@ -4,9 +4,10 @@
     python -m fermsca.predict --video clip.mp4 --every_n_frames 15
 
 Faces are found with OpenCV's Haar cascade (`fermsca.faces`), cropped to a square (`--margin`),
-converted to 48x48 grayscale, standardised with `augment.preprocess` (the evaluation preprocessing of
-training) and classified in jitted batches. Folders are searched recursively, in sorted order, for
-files with a common image extension; files named on the command line are always tried.
+converted to 48x48 grayscale and classified in jitted batches by `fermsca.inference` (the model
+API; the default model is the released FER+ weights shipped with the package). Folders are searched
+recursively, in sorted order, for files with a common image extension; files named on the command
+line are always tried.
 
 One JSON line per record on stdout:
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -34,155 +34,23 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cv2
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fermsca import augment, checkpoint, cli, faces, hostenv, models
+from fermsca import cli, faces, hostenv, inference
 
-Array = jax.Array
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CHECKPOINT = os.path.join(REPO_ROOT, "experiments", "released", "ferplus")
+DEFAULT_CHECKPOINT = inference.RELEASED_FERPLUS
 MAX_MEGAPIXELS = 50.0
 MAX_FILE_MB = 100.0
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".avif"})
-DEFAULT_TTA_SHIFT = 2  # pixels: training shifts by up to 5% of 48, about 2.4
+# The model API's earlier names here; it lives in `fermsca.inference`.
+load_model = inference.load
+probabilities = inference.probabilities
 
 
 class InputError(ValueError):
     """One input file or frame cannot be used; the message is the reason given in its record."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Model: pure functions, and a batched, jitted classifier around them.
-
-
-def num_tta_views(shift: int = DEFAULT_TTA_SHIFT) -> int:
-    return 10 if shift else 2
-
-
-def tta_views(images: Array, shift: int = DEFAULT_TTA_SHIFT) -> Array:
-    """Test-time augmentation views of a batch: [B, H, W, C] -> [V, B, H, W, C], same dtype.
-
-    The images and their horizontal mirrors, each as is and shifted by `shift` pixels up, down,
-    left and right (edge pixels repeated): V = 10, or V = 2 when `shift` is 0. View 0 is the input.
-    """
-    if shift < 0:
-        raise ValueError(f"shift must be >= 0, got {shift}")
-    height, width = images.shape[1], images.shape[2]
-    s = int(shift)
-    offsets = [(0, 0)] + ([(-s, 0), (s, 0), (0, -s), (0, s)] if s else [])
-    views = []
-    for base in (images, images[:, :, ::-1, :]):
-        padded = jnp.pad(base, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
-        for dy, dx in offsets:  # content moves down by dy and right by dx
-            views.append(padded[:, s - dy:s - dy + height, s - dx:s - dx + width, :])
-    return jnp.stack(views)
-
-
-def probabilities(variables: Any, images: Array, *, model: nn.Module, tta: bool = False,
-                  tta_shift: int = DEFAULT_TTA_SHIFT) -> Array:
-    """Softmax class probabilities of raw face images, uint8-valued [B, 48, 48, 1] -> [B, K].
-
-    Each image (each view, with `tta`) is standardised by `augment.preprocess`; with `tta` the
-    softmax outputs of the `tta_views` are averaged.
-    """
-    if not tta:
-        logits = model.apply(variables, augment.preprocess(images), train=False)
-        return jax.nn.softmax(logits, axis=-1)
-    views = tta_views(images, tta_shift)  # [V, B, H, W, C]
-    num_views, batch = views.shape[:2]
-    flat = views.reshape((num_views * batch,) + views.shape[2:])
-    logits = model.apply(variables, augment.preprocess(flat), train=False)
-    return jnp.mean(jax.nn.softmax(logits, axis=-1).reshape(num_views, batch, -1), axis=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A model rebuilt from a checkpoint."""
-
-    model: models.FERNet
-    variables: dict
-    class_names: tuple[str, ...]
-    config: ml_collections.ConfigDict
-    path: str  # the checkpoint's step folder
-    step: int
-
-
-def load_model(path: str) -> LoadedModel:
-    """Rebuilds FERNet from a checkpoint's config and loads its weights (CheckpointError if unusable)."""
-    variables, meta = checkpoint.load_checkpoint(path)
-    directory, step = checkpoint.find_checkpoint(path)
-    where = os.path.join(directory, str(step))
-    try:
-        config = ml_collections.ConfigDict(json.loads(meta["config"]))
-        class_names = tuple(str(c) for c in meta["class_names"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise checkpoint.CheckpointError(
-            f"{where}/meta: needs 'config' (JSON) and 'class_names' ({e})") from e
-    # Inference uses XLA's convolutions whatever the run trained with (conv_impl changes speed only).
-    model = models.from_config(config.model, len(class_names)).clone(conv_impl="xla")
-    expected = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1, faces.FACE_SIZE, faces.FACE_SIZE, 1), jnp.float32))
-    problems = checkpoint.shape_mismatches(dict(expected), variables)
-    if problems:
-        raise checkpoint.CheckpointError(
-            f"{where} does not match its own config:\n  " + "\n  ".join(problems))
-    return LoadedModel(model, variables, class_names, config, where, step)
-
-
-class Classifier:
-    """Batched, jitted `probabilities` over all local devices.
-
-    Calls take uint8 faces [N, 48, 48, 1] (or [N, 48, 48]) of any N; batches are padded to a fixed
-    size so the function compiles once. `batch_size` counts model inputs: with TTA each image is
-    `num_tta_views` inputs, so fewer images go into one batch.
-    """
-
-    def __init__(self, model: nn.Module, variables: Any, class_names: Sequence[str], *,
-                 tta: bool = False, tta_shift: int = DEFAULT_TTA_SHIFT, batch_size: int = 64):
-        self.class_names = tuple(class_names)
-        self.tta = tta
-        devices = jax.device_count()
-        images_per_batch = max(1, batch_size // (num_tta_views(tta_shift) if tta else 1))
-        self.batch_size = -(-images_per_batch // devices) * devices  # images, whole per device
-        # Auto axes: the batch is split across devices, the model code needs no sharding types.
-        mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        self._variables = jax.device_put(variables, replicated)
-        fn = functools.partial(probabilities, model=model, tta=tta, tta_shift=tta_shift)
-        self._fn = jax.jit(fn, in_shardings=(replicated, self._batch_sharding),
-                           out_shardings=replicated)
-
-    @classmethod
-    def from_checkpoint(cls, path: str, **kwargs) -> Classifier:
-        loaded = load_model(path)
-        return cls(loaded.model, loaded.variables, loaded.class_names, **kwargs)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[1:] != (faces.FACE_SIZE, faces.FACE_SIZE, 1):
-            raise ValueError(f"expected faces [N, 48, 48, 1], got {images.shape}")
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            real = len(batch)
-            if real < self.batch_size:
-                pad = np.zeros((self.batch_size - real,) + batch.shape[1:], batch.dtype)
-                batch = np.concatenate([batch, pad])
-            probs = self._fn(self._variables, jax.device_put(batch, self._batch_sharding))
-            out.append(np.asarray(probs)[:real])
-        if not out:
-            return np.zeros((0, len(self.class_names)), np.float32)
-        return np.concatenate(out).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,15 +197,6 @@ class Summary:
     errors: int = 0
 
 
-def face_crops(rgb: np.ndarray, *, detect: bool, margin: float) -> tuple[list, list]:
-    """(boxes, uint8 [48, 48] crops) of an RGB image; without `detect`, its centred square."""
-    gray = faces.to_gray(rgb)
-    if not detect:
-        return [faces.center_box(gray.shape)], [faces.center_crop(gray)]
-    boxes = faces.detect_faces(gray)
-    return boxes, [faces.crop_face(gray, box, margin) for box in boxes]
-
-
 def _describe(error: Exception) -> str:
     if isinstance(error, InputError):
         return str(error)
@@ -373,7 +232,7 @@ class Predictor:
 
     def _item(self, source: dict, rgb: np.ndarray, annotate_name: str) -> _Item:
         try:
-            boxes, crops = face_crops(rgb, detect=self.detect, margin=self.margin)
+            boxes, crops = inference.face_crops(rgb, detect=self.detect, margin=self.margin)
         except faces.FaceDetectorError:
             raise
         except Exception as e:  # noqa: BLE001 - a bad image must not stop the run
@@ -506,7 +365,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", metavar="PATH", help="image files and folders")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="training workdir or checkpoint folder (default: the released FER+ "
-                        "weights, experiments/released/ferplus)")
+                        "weights, fermsca/released/ferplus in the installed package)")
     p.add_argument("--video", action="append", default=[], metavar="FILE",
                    help="a video file to sample frames from (repeatable)")
     p.add_argument("--every_n_frames", type=int, default=1,
@@ -544,14 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.detect:
             faces.cascade_path()
-        loaded = load_model(args.checkpoint)
+        loaded = inference.load(args.checkpoint)
     except cli.anticipated_errors() as e:
         if args.verbose:
             traceback.print_exc()
         print(cli.one_line(e), file=sys.stderr)
         return cli.EXIT_ERROR
-    classifier = Classifier(loaded.model, loaded.variables, loaded.class_names, tta=args.tta,
-                            batch_size=args.batch_size)
+    classifier = loaded.classifier(tta=args.tta, batch_size=args.batch_size)
 
     def emit(record: dict) -> None:
         sys.stdout.write(json.dumps(record) + "\n")

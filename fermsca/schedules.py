@@ -63,7 +63,7 @@ def create_schedule(config: Any, steps_per_epoch: int, num_epochs: int) -> optax
         return optax.constant_schedule(float(config.learning_rate))
     if kind == "table1":
         boundaries = config.boundary_epochs or table1_boundaries(num_epochs)
-        values = config.values or TABLE1_VALUES
+        values = config["values"] or TABLE1_VALUES  # item access: ConfigDict.values is a method
         return piecewise_constant(values, boundaries, steps_per_epoch)
     raise ValueError(f"config.optimizer.schedule={kind!r}: expected 'table1' or 'constant'")
 

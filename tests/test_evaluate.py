@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tiny_run
 
-from fermsca import datasets, evaluate, models, predict
+from fermsca import datasets, evaluate, inference
 
 CLASS_NAMES = tiny_run.CLASS_NAMES
 
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory):
     config = tiny_run.tiny_config()
     config.dataset.name = "ferplus"
     config.dataset.manual_dir = "/from/the/training/config"
-    variables = tiny_run.random_variables(models.from_config(config.model, len(CLASS_NAMES)), 0)
+    variables = tiny_run.random_variables(inference.build_model(config.model, len(CLASS_NAMES)), 0)
     return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables, step=7)
 
 
@@ -69,10 +69,9 @@ def test_evaluate_split_metrics_by_hand():
 
 
 def test_evaluate_split_with_the_model_matches_its_argmax(workdir):
-    loaded = predict.load_model(workdir)
+    loaded = inference.load(workdir)
     split = tiny_split()
-    classifier = predict.Classifier(loaded.model, loaded.variables, loaded.class_names,
-                                    batch_size=16)
+    classifier = loaded.classifier(batch_size=16)
     metrics = evaluate.evaluate_split(classifier, split, CLASS_NAMES)
     predicted = classifier(split.images).argmax(-1)
     truth = split.targets.argmax(-1)
@@ -110,8 +109,7 @@ def test_run_writes_json_and_figure_and_overrides_data_dirs(workdir, tmp_path, m
     for key in ("accuracy", "per_class_accuracy", "per_class_f1", "macro_f1",
                 "confusion_matrix"):
         assert key in results
-    loaded = predict.load_model(workdir)
-    tta = predict.Classifier(loaded.model, loaded.variables, loaded.class_names, tta=True)
+    tta = inference.load(workdir).classifier(tta=True)
     expected = np.mean(tta(split.images).argmax(-1) == split.targets.argmax(-1))
     assert results["accuracy"] == pytest.approx(expected)
     line = capsys.readouterr().out

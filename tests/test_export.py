@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tiny_run
 
-from fermsca import export, models, predict
+from fermsca import export, inference
 
 CLASS_NAMES = tiny_run.CLASS_NAMES
 
@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime", reason="ONNX checks need the [export] extra (
 def workdir(tmp_path_factory):
     """A checkpoint of a tiny FERNet with random weights whose outputs are far from uniform."""
     config = tiny_run.tiny_config()
-    model = models.from_config(config.model, len(CLASS_NAMES))
+    model = inference.build_model(config.model, len(CLASS_NAMES))
     variables = tiny_run.random_variables(model, 0, spread=2.0)
     return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables, step=3)
 
@@ -43,7 +43,7 @@ def fresh_inputs():
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_exported_model_matches_jax(exported, workdir, fmt):
     outdir, _ = exported
-    loaded = predict.load_model(workdir)
+    loaded = inference.load(workdir)
     images = fresh_inputs()
     reference = export.jax_probabilities(loaded, images)
     assert reference.max() > 0.5, "weights too weak for a meaningful comparison"
@@ -90,7 +90,7 @@ def test_uint8_input_and_intermediate_files_removed(workdir, tmp_path):
     assert sorted(os.listdir(outdir)) == ["export.json", "labels.txt", "model.tflite"]
     assert result["input"]["dtype"] == "uint8" and "max_abs_diff" not in result
     images = fresh_inputs()
-    reference = export.jax_probabilities(predict.load_model(workdir), images)
+    reference = export.jax_probabilities(inference.load(workdir), images)
     got = export.run_tflite(os.path.join(outdir, "model.tflite"), images)
     assert np.abs(got - reference).max() < 1e-4
 

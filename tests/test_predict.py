@@ -1,4 +1,5 @@
-"""Prediction: TTA views and averaging, the batched classifier, bad inputs, and the CLI's records."""
+"""Prediction: reading files, folders and videos, bad inputs, and the CLI's records (the model API
+itself is tested in test_inference.py)."""
 
 import functools
 import json
@@ -7,7 +8,6 @@ import struct
 import zlib
 
 import cv2
-import flax.linen as nn
 import haar_margin
 import jax
 import numpy as np
@@ -15,7 +15,7 @@ import pytest
 import tiny_run
 from PIL import Image
 
-from fermsca import checkpoint, models, predict
+from fermsca import inference, predict
 
 CLASS_NAMES = tiny_run.CLASS_NAMES
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,7 @@ FERPLUS_TARBALL = os.path.join(REPO, "..", "shared", "data", "ferplus-trainvalid
 @pytest.fixture(scope="module")
 def tiny_model():
     config = tiny_run.tiny_config()
-    model = models.from_config(config.model, len(CLASS_NAMES))
+    model = inference.build_model(config.model, len(CLASS_NAMES))
     return config, model, tiny_run.random_variables(model, seed=0)
 
 
@@ -36,107 +36,12 @@ def workdir(tiny_model, tmp_path_factory):
 
 
 def jitted_probabilities(model, variables, images, **kwargs) -> np.ndarray:
-    fn = jax.jit(functools.partial(predict.probabilities, model=model, **kwargs))
+    fn = jax.jit(functools.partial(inference.probabilities, model=model, **kwargs))
     return np.asarray(fn(variables, images))
 
 
 def faces_batch(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 48, 48, 1), dtype=np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# TTA
-
-
-def reference_view(base: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Content moved down by dy and right by dx, edge pixels repeated (NumPy, by index)."""
-    h, w = base.shape[1:3]
-    rows = np.clip(np.arange(h) - dy, 0, h - 1)
-    cols = np.clip(np.arange(w) - dx, 0, w - 1)
-    return base[:, rows][:, :, cols]
-
-
-def test_tta_views_are_flips_and_shifts():
-    images = faces_batch(3)[:, :8, :10]  # non-square, to catch swapped axes
-    views = np.asarray(jax.jit(predict.tta_views, static_argnums=1)(images, 2))
-    assert views.shape == (10, 3, 8, 10, 1) and views.dtype == np.uint8
-    offsets = [(0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)]
-    expected = [reference_view(base, dy, dx)
-                for base in (images, images[:, :, ::-1]) for dy, dx in offsets]
-    np.testing.assert_array_equal(views, np.stack(expected))
-    no_shift = np.asarray(predict.tta_views(images, 0))
-    np.testing.assert_array_equal(no_shift, np.stack([images, images[:, :, ::-1]]))
-
-
-def test_tta_averages_softmax_over_views(tiny_model):
-    _, model, variables = tiny_model
-    images = faces_batch(4)
-    with_tta = jax.jit(functools.partial(predict.probabilities, model=model, tta=True))
-    without = jax.jit(functools.partial(predict.probabilities, model=model))
-    tta = np.asarray(with_tta(variables, images))
-    views = np.asarray(predict.tta_views(images))
-    per_view = [np.asarray(without(variables, v)) for v in views]
-    np.testing.assert_allclose(tta, np.mean(per_view, axis=0), atol=1e-6)
-    plain = np.asarray(without(variables, images))
-    assert np.abs(tta - plain).max() > 1e-4  # the views do differ
-    np.testing.assert_allclose(tta.sum(-1), 1.0, atol=1e-5)
-
-
-class MirrorSymmetric(nn.Module):
-    """A FERNet made invariant to horizontal flips: logits(x) + logits(mirror x)."""
-
-    net: nn.Module
-
-    def __call__(self, x, train=False):
-        return self.net(x, train) + self.net(x[:, :, ::-1], train)
-
-
-def test_tta_of_a_flip_invariant_model_equals_no_tta(tiny_model):
-    _, model, variables = tiny_model
-    symmetric = MirrorSymmetric(model)
-    wrapped = {"params": {"net": variables["params"]},
-               "batch_stats": {"net": variables["batch_stats"]}}
-    images = faces_batch(5, seed=1)
-    plain = jax.jit(functools.partial(predict.probabilities, model=symmetric))(wrapped, images)
-    tta = jax.jit(functools.partial(predict.probabilities, model=symmetric, tta=True,
-                                    tta_shift=0))(wrapped, images)
-    np.testing.assert_allclose(np.asarray(tta), np.asarray(plain), atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model loading and the batched classifier
-
-
-def test_classifier_pads_batches_and_matches_the_pure_function(tiny_model):
-    _, model, variables = tiny_model
-    images = faces_batch(10, seed=2)
-    classifier = predict.Classifier(model, variables, CLASS_NAMES, batch_size=4)
-    expected = jitted_probabilities(model, variables, images)
-    np.testing.assert_allclose(classifier(images), expected, atol=1e-6)
-    np.testing.assert_allclose(classifier(images[:, :, :, 0]), expected, atol=1e-6)
-    assert classifier(images[:0]).shape == (0, 8)
-    # With TTA a batch holds batch_size model inputs: 10 views per image.
-    assert predict.Classifier(model, variables, CLASS_NAMES, tta=True, batch_size=40).batch_size == 4
-    with pytest.raises(ValueError, match="48, 48, 1"):
-        classifier(np.zeros((2, 32, 32, 1), np.uint8))
-
-
-def test_load_model_rebuilds_the_checkpoint(workdir, tiny_model):
-    _, _, variables = tiny_model
-    loaded = predict.load_model(workdir)
-    assert loaded.class_names == tuple(CLASS_NAMES)
-    assert loaded.step == 0 and loaded.path.endswith(os.path.join("best", "0"))
-    assert tuple(loaded.config.model.widths) == (8, 16, 16)
-    kernel = loaded.variables["params"]["classifier"]["kernel"]
-    np.testing.assert_array_equal(kernel, variables["params"]["classifier"]["kernel"])
-
-
-def test_load_model_refuses_weights_that_do_not_fit_the_config(tmp_path):
-    config = tiny_run.tiny_config()
-    other = models.FERNet(len(CLASS_NAMES), stem_width=8, widths=(8, 16, 32))
-    tiny_run.save_run_checkpoint(str(tmp_path), config, tiny_run.random_variables(other, seed=1))
-    with pytest.raises(checkpoint.CheckpointError, match="does not match"):
-        predict.load_model(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
