@@ -3,18 +3,15 @@
 One code path for 1 CPU, simulated CPU devices, N GPUs and M hosts: the steps are `jax.jit`-compiled
 over a 1-D device `Mesh` ("data"), the batch is sharded along it with `NamedSharding` and the state is
 replicated, so BatchNorm statistics and gradients are over the global batch. Each process feeds its
-own slice of the global batch (`jax.make_array_from_process_local_data`).
+own slice of the global batch (`jax.make_array_from_process_local_data`). What a run records about
+itself (results.json, figures, versions, host) is `run_record`'s.
 """
 
 
-import dataclasses
 import functools
-import json
 import logging
 import os
-import platform
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,7 +35,7 @@ from fermsca import (
     input_pipeline,
     losses,
     models,
-    report,
+    run_record,
     schedules,
 )
 
@@ -266,40 +263,6 @@ class _Preemption:
         return bool(np.any(flags))
 
 
-def _versions() -> dict[str, str]:
-    import orbax.checkpoint
-    import tensorflow_datasets
-
-    import fermsca
-
-    return {"fermsca": fermsca.__version__, "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-            "flax": flax.__version__, "optax": optax.__version__,
-            "orbax_checkpoint": orbax.checkpoint.__version__,
-            "tensorflow_datasets": tensorflow_datasets.__version__,
-            "python": platform.python_version()}
-
-
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _epoch_history_row(epoch: int, train: dict, val: dict, lr: float) -> dict:
-    return {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            "validation_loss": val["loss"], "validation_accuracy": val["accuracy"],
-            "learning_rate": lr}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, validates every epoch, checkpoints, and writes results.json and figures to `workdir`.
 
@@ -315,9 +278,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data = datasets.load(config.dataset, required=("train", "validation"))
     logging.info("dataset %s:\n%s", data.name, datasets.describe(data))
     train_split = data.splits["train"]
-    if config.dataset.get("train_subset"):
-        train_split = _subset(train_split, config.dataset.train_subset)
-        data = dataclasses.replace(data, splits={**data.splits, "train": train_split})
     num_train = len(train_split.images)
     steps_per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
     num_steps = steps_per_epoch * config.num_epochs
@@ -355,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history},
                        val_accuracy=val_accuracy)
 
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        writer.write_hparams(run_record.hparams(config))
         progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                    every_steps=config.log_every_steps)
         train_iter: Iterator = input_pipeline.train_iterator(
@@ -395,12 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     val = trainer.evaluate(state, data.splits["validation"], config.eval_batch_size)
                     writer.write_scalars(step + 1, {"validation_loss": val["loss"],
                                                     "validation_accuracy": val["accuracy"]})
-                    history.append(_epoch_history_row(round(epoch, 4), train_epoch, val,
-                                                      float(trainer.schedule(step))))
+                    history.append(run_record.epoch_row(round(epoch, 4), train_epoch, val,
+                                                        float(trainer.schedule(step))))
                     logging.info("epoch %.2f: train loss %.4f acc %.4f | validation loss %.4f acc "
                                  "%.4f", epoch, train_epoch["loss"], train_epoch["accuracy"],
                                  val["loss"], val["accuracy"])
-                    stalled = stall_warning(history, val["confusion_matrix"], data.class_names)
+                    stalled = run_record.stall_warning(history, val["confusion_matrix"],
+                                                       data.class_names)
                     if stalled:
                         logging.warning("%s", stalled)
                         if stalled not in warnings:
@@ -424,8 +385,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             int(state.step))
             return {"status": status, "step": int(state.step)}
 
-        results = _final_report(config, workdir, data, trainer, state, ckpts, history,
-                                num_steps, steps_per_epoch)
+        eval_name, evaluations = _evaluate_checkpoints(config, data, trainer, state, ckpts,
+                                                       steps_per_epoch)
+        if is_chief:
+            run_record.write_figures(workdir, data, eval_name, evaluations, history)
+        results = run_record.results(config, data, eval_name, evaluations, history, num_steps,
+                                     steps_per_epoch, models.count_params(state.params))
         results.update({
             "warnings": warnings,
             "status": status,
@@ -434,39 +399,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         })
         ckpts.close()
         if is_chief:
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
-            logging.info("wrote %s", os.path.join(workdir, "results.json"))
+            run_record.write_results(workdir, results)
         writer.close()
         return results
     except BaseException:
         ckpts.close()  # finish pending saves and stop the writer threads before the error exits
         raise
-
-
-def stall_warning(history: list[dict], confusion: np.ndarray, class_names) -> str | None:
-    """A warning when training has stopped learning: every validation image predicted as one
-    class, or the epoch's training loss unchanged from the previous epoch's (e.g. a learning rate
-    so high that every unit died). None when neither holds."""
-    predicted = np.flatnonzero(np.asarray(confusion).sum(axis=0))
-    epoch = history[-1]["epoch"]
-    if len(predicted) == 1 and np.asarray(confusion).sum() > 1:
-        return (f"epoch {epoch:g}: every validation image is predicted as "
-                f"{class_names[predicted[0]]!r}; the model is not learning (learning rate too "
-                "high, or labels that do not vary?)")
-    if len(history) >= 2:
-        now, before = history[-1]["train_loss"], history[-2]["train_loss"]
-        if abs(now - before) <= 1e-6 * max(1.0, abs(now)):
-            return (f"epoch {epoch:g}: the training loss stopped moving ({now:.6g}, as in the "
-                    "epoch before); the model is not learning (learning rate too high or too low?)")
-    return None
-
-
-def _subset(split: Any, n: int) -> Any:
-    """The first `n` examples of a split (quick runs on part of the training data)."""
-    counts = {**split.counts, "train_subset": int(min(n, len(split.images)))}
-    return dataclasses.replace(split, images=split.images[:n], targets=split.targets[:n],
-                               file_names=split.file_names[:n], counts=counts)
 
 
 def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -> None:
@@ -479,69 +417,20 @@ def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -
             f"{ckpts.latest.directory}. Lower the learning rate or check the data.")
 
 
-def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        elif isinstance(v, bool | int | float | str):
-            out[f"{prefix}{k}"] = v
-        else:
-            out[f"{prefix}{k}"] = str(v)
-    return out
-
-
-def _final_report(config, workdir, data, trainer: Trainer, state, ckpts, history, num_steps,
-                  steps_per_epoch) -> dict:
-    """Evaluates the best and last checkpoints on test (validation if there is no test split)."""
+def _evaluate_checkpoints(config, data, trainer: Trainer, state, ckpts, steps_per_epoch
+                          ) -> tuple[str, dict[str, dict]]:
+    """Evaluates the best and last checkpoints on test (validation if there is no test split, or
+    with `config.evaluate_test` off); returns that split's name and {"best"?, "last": evaluation}."""
     eval_name = "test" if ("test" in data.splits and config.evaluate_test) else "validation"
     eval_split = data.splits[eval_name]
-    evaluations = {}
-    best = ckpts.restore_best(trainer.abstract_state())
     candidates = [("last", state)]
+    best = ckpts.restore_best(trainer.abstract_state())
     if best is not None:
-        best_state, best_meta = best
+        best_state, _ = best
         candidates.insert(0, ("best", trainer.place(best_state)))
+    evaluations = {}
     for name, s in candidates:
         result = trainer.evaluate(s, eval_split, config.eval_batch_size)
-        summary = report.confusion_metrics(result["confusion_matrix"], data.class_names)
-        summary.update(loss=result["loss"], step=int(s.step),
-                       epoch=int(s.step) / steps_per_epoch)
-        evaluations[name] = summary
-        if jax.process_index() == 0:
-            report.plot_confusion_matrix(
-                result["confusion_matrix"], data.class_names,
-                os.path.join(workdir, f"confusion_matrix_{name}.png"),
-                title=f"{data.name} {eval_name}, {name} checkpoint "
-                      f"(acc {summary['accuracy']:.4f})")
-    if jax.process_index() == 0 and history:
-        report.plot_training_curves(history, os.path.join(workdir, "training_curves.png"))
-    devices = jax.devices()
-    return {
-        "config": json.loads(config.to_json()),
-        "dataset": {
-            "name": data.name,
-            "class_names": list(data.class_names),
-            "split_sizes": {k: int(len(v.images)) for k, v in data.splits.items()},
-            "split_counts": {k: dict(v.counts) for k, v in data.splits.items()},
-            "source": data.source,
-        },
-        "evaluated_split": eval_name,
-        "evaluations": evaluations,
-        "accuracy": evaluations.get("best", evaluations["last"])["accuracy"],
-        "best_validation_accuracy": max((h["validation_accuracy"] for h in history),
-                                        default=None),
-        "epochs": num_steps / steps_per_epoch,
-        "steps": num_steps,
-        "history": history,
-        "parameters": models.count_params(state.params),
-        "versions": _versions(),
-        "device_kind": devices[0].device_kind,
-        "platform": devices[0].platform,
-        "device_count": jax.device_count(),
-        "process_count": jax.process_count(),
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "processor": platform.processor()},
-        "git_commit": _git_commit(),
-        "seed": config.seed,
-    }
+        evaluations[name] = run_record.evaluation(result, data.class_names, int(s.step),
+                                                  steps_per_epoch)
+    return eval_name, evaluations

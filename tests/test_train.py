@@ -33,12 +33,12 @@ TINY = [
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The synthetic set built once into a private TFDS data dir."""
-    import ml_collections
-
+    from configs import default
     from fermsca import datasets
 
     path = str(tmp_path_factory.mktemp("tfds"))
-    cfg = ml_collections.ConfigDict({"name": "synthetic_faces", "data_dir": path})
+    cfg = default.get_config().dataset
+    cfg.data_dir = path
     datasets.load(cfg, required=("train", "validation", "test"))
     return path
 
@@ -266,18 +266,3 @@ def test_nan_loss_stops_the_run(tmp_path, data_dir):
     if steps:  # every checkpoint left behind holds finite parameters
         for v in final_params(workdir).values():
             assert np.all(np.isfinite(v))
-
-
-def test_stall_warning():
-    from fermsca import train
-
-    names = ("a", "b", "c")
-    learning = np.array([[3, 1, 0], [0, 2, 1], [1, 0, 3]])
-    history = [{"epoch": 1, "train_loss": -0.30}, {"epoch": 2, "train_loss": -0.35}]
-    assert train.stall_warning(history, learning, names) is None
-    one_class = np.array([[0, 4, 0], [0, 3, 0], [0, 4, 0]])
-    assert train.stall_warning(history, one_class, names).startswith(
-        "epoch 2: every validation image is predicted as 'b'")
-    flat = [{"epoch": 1, "train_loss": -0.125}, {"epoch": 2, "train_loss": -0.125}]
-    assert "the training loss stopped moving (-0.125" in train.stall_warning(flat, learning, names)
-    assert train.stall_warning(flat[:1], learning, names) is None

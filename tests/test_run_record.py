@@ -1,0 +1,112 @@
+"""What a run records: the results.json fields, versions, git commit, hyperparameters, stall warnings.
+
+The training-loop side (a real run writing results.json and its figures) is in test_train.py.
+"""
+
+import json
+import re
+import types
+
+import numpy as np
+
+from configs import default
+from fermsca import config_schema, run_record
+
+RESULTS_KEYS = [
+    "config", "dataset", "evaluated_split", "evaluations", "accuracy", "best_validation_accuracy",
+    "epochs", "steps", "history", "parameters", "versions", "device_kind", "platform",
+    "device_count", "process_count", "host", "git_commit", "seed",
+]
+
+
+def _data():
+    """The fields of `fermsca.datasets.Dataset` the record reads."""
+    split = lambda n, counts: types.SimpleNamespace(images=np.zeros((n, 48, 48, 1), np.uint8),
+                                                    counts=counts)
+    return types.SimpleNamespace(
+        name="synthetic_faces", class_names=("a", "b"), source=None,
+        splits={"train": split(6, {"total": 10, "kept": 10, "train_subset": 6}),
+                "validation": split(4, {"total": 4, "kept": 4}),
+                "test": split(3, {"total": 3, "kept": 3})})
+
+
+def _history():
+    return [run_record.epoch_row(1.0, {"loss": -0.2, "accuracy": 0.5},
+                                 {"loss": -0.3, "accuracy": 0.75}, 1e-3),
+            run_record.epoch_row(2.0, {"loss": -0.4, "accuracy": 0.6},
+                                 {"loss": -0.35, "accuracy": 0.5}, 5e-4)]
+
+
+def test_stall_warning():
+    names = ("a", "b", "c")
+    learning = np.array([[3, 1, 0], [0, 2, 1], [1, 0, 3]])
+    history = [{"epoch": 1, "train_loss": -0.30}, {"epoch": 2, "train_loss": -0.35}]
+    assert run_record.stall_warning(history, learning, names) is None
+    one_class = np.array([[0, 4, 0], [0, 3, 0], [0, 4, 0]])
+    assert run_record.stall_warning(history, one_class, names).startswith(
+        "epoch 2: every validation image is predicted as 'b'")
+    flat = [{"epoch": 1, "train_loss": -0.125}, {"epoch": 2, "train_loss": -0.125}]
+    assert "the training loss stopped moving (-0.125" in run_record.stall_warning(flat, learning, names)
+    assert run_record.stall_warning(flat[:1], learning, names) is None
+
+
+def test_epoch_row():
+    row = run_record.epoch_row(0.5, {"loss": 1.0, "accuracy": 0.25}, {"loss": 2.0, "accuracy": 0.5}, 0.1)
+    assert row == {"epoch": 0.5, "train_loss": 1.0, "train_accuracy": 0.25, "validation_loss": 2.0,
+                   "validation_accuracy": 0.5, "learning_rate": 0.1}
+
+
+def test_hparams_name_every_field_and_write_non_scalars_as_text():
+    hparams = run_record.hparams(default.get_config())
+    assert set(hparams) == set(config_schema.FIELDS)
+    assert hparams["model.widths"] == "(64, 128, 256)"
+    assert hparams["dataset.data_dir"] == "None"
+    assert hparams["model.use_se"] is True and hparams["seed"] == 0 and hparams["loss"] == "cosine"
+
+
+def test_evaluation_adds_loss_step_and_epoch_to_the_metrics():
+    result = {"loss": -0.5, "confusion_matrix": np.array([[3, 1], [0, 4]])}
+    summary = run_record.evaluation(result, ("a", "b"), step=30, steps_per_epoch=10)
+    assert summary["accuracy"] == 7 / 8 and summary["num_examples"] == 8
+    assert summary["confusion_matrix"] == [[3, 1], [0, 4]]
+    assert (summary["loss"], summary["step"], summary["epoch"]) == (-0.5, 30, 3.0)
+
+
+def test_results_record():
+    config = default.get_config()
+    config.seed = 7
+    names = ("a", "b")
+    best = run_record.evaluation({"loss": 0.1, "confusion_matrix": np.eye(2, dtype=int) * 2}, names, 8, 4)
+    last = run_record.evaluation({"loss": 0.2, "confusion_matrix": np.array([[1, 1], [0, 1]])}, names, 12, 4)
+    history = _history()
+    results = run_record.results(config, _data(), "test", {"best": best, "last": last}, history,
+                                 num_steps=12, steps_per_epoch=4, parameters=1234)
+    assert list(results) == RESULTS_KEYS
+    assert results["config"] == json.loads(config.to_json())
+    assert results["dataset"] == {
+        "name": "synthetic_faces", "class_names": ["a", "b"],
+        "split_sizes": {"train": 6, "validation": 4, "test": 3},
+        "split_counts": {"train": {"total": 10, "kept": 10, "train_subset": 6},
+                         "validation": {"total": 4, "kept": 4}, "test": {"total": 3, "kept": 3}},
+        "source": None}
+    assert results["accuracy"] == 1.0  # the best checkpoint's
+    assert results["best_validation_accuracy"] == 0.75
+    assert (results["epochs"], results["steps"], results["parameters"], results["seed"]) == (3, 12, 1234, 7)
+    assert results["history"] == history and results["evaluated_split"] == "test"
+    assert results["device_count"] >= 1 and results["process_count"] == 1
+    assert set(results["host"]) == {"machine", "cpu_count", "processor"}
+    assert set(results["versions"]) >= {"fermsca", "jax", "flax", "optax", "orbax_checkpoint",
+                                        "tensorflow_datasets", "python"}
+    commit = results["git_commit"]
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", commit)
+    json.dumps(results)  # all plain JSON
+
+    without_best = run_record.results(config, _data(), "validation", {"last": last}, [], 12, 4, 1234)
+    assert without_best["accuracy"] == 2 / 3 and without_best["best_validation_accuracy"] is None
+
+
+def test_write_results(tmp_path):
+    path = run_record.write_results(str(tmp_path), {"status": "completed", "accuracy": 0.5})
+    assert path == str(tmp_path / "results.json")
+    with open(path) as f:
+        assert json.load(f) == {"status": "completed", "accuracy": 0.5}
