@@ -248,7 +248,12 @@ def test_report_main_rewrites_only_a_marked_readme(tmp_path, capsys):
 
     readme.write_text(f"# Project\n\n{report.BEGIN}\n{report.END}\n\nLicense\n")
     report.main(["--readme", str(readme)], results_root=results)
-    text = readme.read_text()
-    assert text.startswith(f"# Project\n\n{report.BEGIN}\n### Loss") and text.endswith(
+    text = readme.read_text()  # the index: one line per study, linked to every table
+    assert text.startswith(f"# Project\n\n{report.BEGIN}\n| study |") and text.endswith(
         f"{report.END}\n\nLicense\n")
-    assert "(experiments/results/loss_study/quick/synthetic_faces-cosine/results.json)" in text
+    assert "| Loss: cosine similarity against cross-entropy | quick | [table](" in text
+    assert "[README.md](experiments/results/README.md)" in text
+    tables = (results / "README.md").read_text()  # every table, linked from where it lies
+    assert "\n## Loss" in tables
+    assert "(loss_study/quick/synthetic_faces-cosine/results.json)" in tables
+    assert all((results / t).is_file() for t in link_targets(tables))
