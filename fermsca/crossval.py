@@ -28,14 +28,14 @@ and oneDNN's custom call (`conv_impl` "onednn", or "auto" on x86-64) has no batc
 at all. On a CPU the model therefore runs each fold's convolutions separately inside the one step
 (`fold_conv`), on the path `conv_impl` resolves to; GPUs keep XLA's grouped convolution.
 
-Speed (`python -m experiments.ckplus_cv --bench`: paper model, batch 7, 10 folds, on 2 cores of an
+Speed (`python -m experiments.paper.ckplus_cv --bench`: paper model, batch 7, 10 folds, on 2 cores of an
 AMD EPYC shared with other jobs): one vmapped step of the 10 folds against 10 lone steps one after
 another is 1.19x faster with XLA's convolutions (134 against 112 img/s) and 1.07x with oneDNN's (185
 against 173 img/s); the CPU has little idle time to fill at batch 7. A GPU, idle at batch 7, should
 gain far more (not measured).
 
 Layout of `workdir`: checkpoints/<epoch>/ (one state pytree with a leading fold axis, Orbax), one
-<fold_k | seed_k>/results.json per fold (the fields `experiments.common` reads), and summary.json
+<fold_k | seed_k>/results.json per fold (the fields `experiments.paper.common` reads), and summary.json
 with mean +- sample std over folds, pooled per-class accuracy and the confusion matrix summed over
 folds (also drawn as confusion_matrix.png). A killed study resumes from its last saved epoch.
 """
@@ -65,6 +65,7 @@ from fermsca import (
     input_pipeline,
     losses,
     models,
+    perf,
     report,
     schedules,
     train,
@@ -79,15 +80,15 @@ log = logging.getLogger(__name__)
 
 def repeat_name(config: ml_collections.ConfigDict, fold: int) -> str:
     """'fold_k' (k-fold protocol: test fold k) or 'seed_k' (random protocol: split seed k), as the
-    studies of `experiments.common` name a repeat."""
-    return f"seed_{fold}" if config.dataset.get("protocol", "kfold") == "random" else f"fold_{fold}"
+    studies of `experiments.paper.common` name a repeat."""
+    return f"seed_{fold}" if config.dataset.protocol == "random" else f"fold_{fold}"
 
 
 def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.ConfigDict:
     """The config of repeat `fold`: `dataset.fold = fold` (k-fold) or `dataset.split_seed = fold`
     (random protocol); everything else, the seed included, as given."""
     out = config.copy_and_resolve_references()
-    if config.dataset.get("protocol", "kfold") == "random":
+    if config.dataset.protocol == "random":
         out.dataset.split_seed = int(fold)
     else:
         num_folds = int(config.dataset.num_folds)
@@ -145,7 +146,7 @@ def fold_conv(base: Callable = lax.conv_general_dilated) -> Callable:
 
     Vmapped with per-fold kernels, a plain convolution becomes one grouped convolution, which XLA's
     CPU runtime runs at a fraction of the speed (the 10 CK+ folds' step: 0.3-0.4x the speed of the
-    folds one after another). `base` may be oneDNN's custom call (`onednn_conv.conv_general_dilated`),
+    folds one after another). `base` may be oneDNN's custom call (`perf.onednn_conv`),
     which has no batching rule of its own.
     """
 
@@ -174,38 +175,26 @@ def fold_conv(base: Callable = lax.conv_general_dilated) -> Callable:
     return conv_general_dilated
 
 
-def _models_take_conv_functions() -> bool:
-    # True once `models.conv_function` returns a function given as conv_impl (see fold_model).
-    try:
-        return models.conv_function(lax.conv_general_dilated) is lax.conv_general_dilated
-    except ValueError:
-        return False
-
-
 def fold_model(model_config: Any, num_classes: int, per_fold_convs: bool | None = None
                ) -> tuple[nn.Module, str]:
-    """FERNet (`models.from_config`) for vmapped folds, and how its convolutions run.
+    """FERNet (`models.from_config`, `perf.building_blocks`) for vmapped folds, and how its
+    convolutions run.
 
     `per_fold_convs` (None: on a CPU backend): each fold's convolutions through `fold_conv` on the
     path `conv_impl` resolves to (XLA or oneDNN), as its lone run computes them. Otherwise XLA's
     batching: one grouped convolution for all folds (what GPU libraries run well); oneDNN's custom
-    call cannot be batched, so conv_impl then runs as "xla" (same mathematics). Per-fold
-    convolutions need `models.conv_function` to accept a function as conv_impl.
+    call cannot be batched, so the convolutions then run on XLA (same mathematics).
     """
     if per_fold_convs is None:
         per_fold_convs = jax.default_backend() == "cpu"
-    if per_fold_convs and not _models_take_conv_functions():
-        log.warning("models.conv_function takes no function as conv_impl: the folds' convolutions "
-                    "run as XLA's grouped convolution, slower than per fold on a CPU")
-        per_fold_convs = False
-    impl = models.resolve_conv_impl(model_config.get("conv_impl", "auto"))
     if per_fold_convs:
-        model = models.from_config(model_config, num_classes)
-        return model.clone(conv_impl=fold_conv(models.conv_function(impl) or lax.conv_general_dilated)
-                           ), f"{impl}, per fold"
-    xla_config = model_config.copy_and_resolve_references()
-    xla_config.conv_impl = "xla"  # oneDNN's custom_partitioning call has no batching (vmap) rule
-    return models.from_config(xla_config, num_classes), "xla, grouped over folds"
+        impl = perf.resolve_conv_impl(model_config.conv_impl, model_config.dtype)
+        conv = fold_conv(perf.conv_function(impl, model_config.dtype))
+        return models.from_config(model_config, num_classes, **perf.building_blocks(model_config, conv)
+                                  ), f"{impl}, per fold"
+    # oneDNN's custom_partitioning call has no batching (vmap) rule
+    blocks = perf.building_blocks(model_config, lax.conv_general_dilated)
+    return models.from_config(model_config, num_classes, **blocks), "xla, grouped over folds"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +242,9 @@ def fold_steps(config: ml_collections.ConfigDict, num_classes: int, *,
                                axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(one_device, jax.sharding.PartitionSpec())
     init_one = jax.jit(functools.partial(train.create_train_state, tx=init_tx,
-                                         model=models.from_config(config.model, num_classes)),
+                                         model=models.from_config(
+                                             config.model, num_classes,
+                                             **perf.building_blocks(config.model))),
                        out_shardings=sharding)
     train_fn = functools.partial(
         fold_train_step, step=step, model=model, loss_fn=loss_fn, optimizer_config=config.optimizer,
@@ -396,7 +387,7 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
     if jax.process_count() != 1:
         raise ValueError("crossval.train_folds runs in one process (the folds share its device)")
     config_schema.validate(config)
-    if config.dataset.get("train_subset"):
+    if config.dataset.train_subset:
         raise cli.ConfigError("config.dataset.train_subset is not supported by cross-validation")
     configs = [fold_config(config, k) for k in folds]
     names = [repeat_name(config, k) for k in folds]

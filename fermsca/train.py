@@ -35,6 +35,7 @@ from fermsca import (
     input_pipeline,
     losses,
     models,
+    perf,
     run_record,
     schedules,
 )
@@ -144,14 +145,17 @@ def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict
 
 
 class Trainer:
-    """Compiled steps for one model/config over a mesh."""
+    """Compiled steps for one model/config over a mesh. `model` (default: FERNet from config.model
+    on this machine's fast building blocks, `perf.building_blocks`) and `donate` (the train step
+    reuses the state's buffers) are for benchmarks."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
-                 mesh: jax.sharding.Mesh):
+                 mesh: jax.sharding.Mesh, *, model: nn.Module | None = None, donate: bool = True):
         self.config = config
         self.num_classes = num_classes
         self.mesh = mesh
-        self.model = models.from_config(config.model, num_classes)
+        self.model = model or models.from_config(config.model, num_classes,
+                                                 **perf.building_blocks(config.model))
         self.schedule = schedules.create_schedule(config.optimizer, steps_per_epoch,
                                                   config.num_epochs)
         self.tx = schedules.create_optimizer(config.optimizer, steps_per_epoch, config.num_epochs,
@@ -168,7 +172,7 @@ class Trainer:
                               augment_config=config.augment),
             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated),
-            donate_argnums=(0,))
+            donate_argnums=(0,) if donate else ())
         self.eval_step = jax.jit(
             functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn,
                               num_classes=num_classes),
