@@ -121,9 +121,11 @@ def upgrade_config(config: ml_collections.ConfigDict, where: str) -> ml_collecti
     """
     config = config.copy_and_resolve_references()
     for name, value in REMOVED_FIELDS.items():
-        section, field = name.rsplit(".", 1)
-        parent = config.get(section)
-        if parent is None or field not in parent:
+        *sections, field = name.split(".")
+        parent = config
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, ml_collections.ConfigDict) else None
+        if not isinstance(parent, ml_collections.ConfigDict) or field not in parent:
             continue
         if parent[field] != value:
             raise checkpoint.CheckpointError(
