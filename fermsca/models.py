@@ -109,22 +109,19 @@ class ResidualBlock(nn.Module):
     """Residual block of Fig. 3: MultiScaleConv -> 3x3 conv + BN -> SE, added to the input.
 
     The input is projected by a 1x1 convolution (+ BN) when its channel count differs from `features`.
-    `use_bn` / `use_se` apply to the multiscale module (the Table 3 ablation); the block's own conv + BN
-    and SE are part of the residual structure and always present.
+    `multiscale` builds the block's MultiScaleConv (its `use_bn` / `use_se` are the Table 3
+    ablation); the block's own conv + BN and SE are part of the residual structure, always present.
     """
 
     features: int
+    multiscale: ModuleDef
     conv: ModuleDef
     norm: ModuleDef
     se: ModuleDef
-    pool: Callable
-    use_bn: bool = True
-    use_se: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = MultiScaleConv(self.features, self.conv, self.norm, self.se, self.pool, self.use_bn,
-                           self.use_se, name="multiscale")(x)
+        y = self.multiscale(self.features, name="multiscale")(x)
         y = self.conv(self.features, (3, 3), padding="SAME", name="conv")(y)
         y = self.norm(name="bn")(y)
         y = self.se(name="se")(y)
@@ -170,11 +167,12 @@ class FERNet(nn.Module):
         x = nn.relu(x)
         x = self.pool(x, (2, 2), strides=(2, 2))  # [B, 24, 24, stem]
         x = se(name="stem_se")(x)
+        multiscale = functools.partial(MultiScaleConv, conv=conv, norm=norm, se=se, pool=self.pool,
+                                       use_bn=self.use_bn, use_se=self.use_se)
         for i, width in enumerate(self.widths):
             if i > 0:
                 x = self.pool(x, (2, 2), strides=(2, 2))
-            x = ResidualBlock(width, conv, norm, se, self.pool, self.use_bn, self.use_se,
-                              name=f"block{i + 1}")(x)
+            x = ResidualBlock(width, multiscale, conv, norm, se, name=f"block{i + 1}")(x)
         x = jnp.mean(x, axis=(1, 2))  # global average pooling: [B, C]
         if self.dropout_rate:
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

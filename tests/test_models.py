@@ -134,6 +134,15 @@ def blocks(train: bool = False, reduction: int = 8) -> dict:
                 se=functools.partial(models.SqueezeExcite, reduction), pool=nn.max_pool)
 
 
+def block_parts(use_bn: bool = True, use_se: bool = True) -> dict:
+    """A ResidualBlock's building blocks, its MultiScaleConv included, as FERNet hands them."""
+    parts = blocks()
+    pool = parts.pop("pool")
+    multiscale = functools.partial(models.MultiScaleConv, **parts, pool=pool, use_bn=use_bn,
+                                   use_se=use_se)
+    return dict(multiscale=multiscale, **parts)
+
+
 def init_multiscale(features: int = 16, in_channels: int = 8, **kwargs):
     module = models.MultiScaleConv(features, **blocks(), **kwargs)
     x = randn((2, 8, 8, in_channels))
@@ -208,7 +217,7 @@ def test_multiscale_branches_match_numpy_convolution():
 
 @pytest.mark.parametrize("in_channels,features,projected", [(8, 16, True), (16, 16, False)])
 def test_residual_block_shapes_and_projection(in_channels, features, projected):
-    block = models.ResidualBlock(features, **blocks())
+    block = models.ResidualBlock(features, **block_parts())
     x = randn((2, 6, 6, in_channels))
     variables = numpy_init(block, x)
     y = jax.jit(block.apply)(variables, x)
@@ -223,7 +232,7 @@ def test_residual_block_shapes_and_projection(in_channels, features, projected):
 
 
 def test_residual_block_ablation_keeps_its_own_bn_and_se():
-    block = models.ResidualBlock(16, **blocks(), use_bn=False, use_se=False)
+    block = models.ResidualBlock(16, **block_parts(use_bn=False, use_se=False))
     x = randn((2, 6, 6, 8))
     variables = shapes_of(block, x)
     multiscale = paths(variables["params"]["multiscale"])
