@@ -44,9 +44,6 @@ MAX_MEGAPIXELS = 50.0
 MAX_FILE_MB = 100.0
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".avif"})
-# The model API's earlier names here; it lives in `fermsca.inference`.
-load_model = inference.load
-probabilities = inference.probabilities
 
 
 class InputError(ValueError):

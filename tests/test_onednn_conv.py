@@ -1,6 +1,5 @@
 """The oneDNN convolution fast path against `lax.conv_general_dilated` (forward and both gradients)."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -222,26 +221,28 @@ def test_checkpoints_load_and_export_through_xla_whatever_their_conv_impl(tmp_pa
     also where oneDNN is unavailable."""
     import tiny_run
 
-    from fermsca import export, models, predict
+    from fermsca import export, inference, models, perf
 
     config = tiny_run.tiny_config()
     config.model.conv_impl = conv_impl
     x = jnp.zeros((1, 48, 48, 1), jnp.float32)
-    xla_model = models.from_config(config.model, 8).clone(conv_impl="xla")
+    xla_model = inference.build_model(config.model, 8, conv_impl="xla")
     variables = tiny_run.random_variables(xla_model, seed=1)
     if onednn_conv.available():  # the model as training builds it: the same variables
-        shapes = jax.eval_shape(models.from_config(config.model, 8).init, jax.random.key(0), x)
+        trained = models.from_config(config.model, 8, **perf.building_blocks(config.model))
+        shapes = jax.eval_shape(trained.init, jax.random.key(0), x)
         assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes) == jax.tree.map(
             lambda a: (a.shape, a.dtype), jax.eval_shape(xla_model.init, jax.random.key(0), x))
-    loaded = predict.load_model(tiny_run.save_run_checkpoint(str(tmp_path), config, variables))
-    assert loaded.config.model.conv_impl == conv_impl and loaded.model.conv_impl == "xla"
+    loaded = inference.load(tiny_run.save_run_checkpoint(str(tmp_path), config, variables))
+    assert loaded.config.model.conv_impl == conv_impl and loaded.conv_impl == "xla"
     for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
     # Export pins XLA itself, whatever conv_impl the loaded model carries.
-    served = export._float32(dataclasses.replace(loaded, model=loaded.model.clone(conv_impl=conv_impl))).model
+    served = export._float32(loaded.rebuild(conv_impl=conv_impl))
     assert served.conv_impl == "xla"
     images = np.zeros((2, 48, 48, 1), np.float32)
-    text = _lowered(lambda v, im: predict.probabilities(v, im, model=served), loaded.variables, images)
+    text = _lowered(lambda v, im: inference.probabilities(v, im, model=served.model), loaded.variables,
+                    images)
     assert "fermsca_onednn" not in text
 
 
