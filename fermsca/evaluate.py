@@ -65,10 +65,16 @@ def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = N
 
     `output` defaults to `default_output(...)` in the current directory.
     """
-    from fermsca import datasets  # TF and TFDS: only when a dataset is actually read
+    from fermsca import config_schema, datasets  # TF and TFDS: only when a dataset is read
 
     loaded = inference.load(checkpoint_path)
     dataset_config = loaded.config.dataset
+    missing = [f"config.{name}" for name in config_schema.FIELDS
+               if name.startswith("dataset.") and name.split(".", 1)[1] not in dataset_config]
+    if missing:
+        raise cli.ConfigError(f"{loaded.path}: the checkpoint's config has no {', '.join(missing)} "
+                              "(saved by an older fermsca); evaluate it with that version")
+    dataset_config.train_subset = 0  # score the whole split, whatever subset trained the model
     if manual_dir is not None:
         dataset_config.manual_dir = manual_dir
     if data_dir is not None:

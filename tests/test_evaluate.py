@@ -147,3 +147,26 @@ def test_class_names_must_match_the_checkpoint(workdir, tmp_path, monkeypatch):
                         raising=False)
     with pytest.raises(ValueError, match="differ from the checkpoint"):
         evaluate.run(workdir, output=str(tmp_path / "x.json"))
+
+
+def test_scores_the_whole_split_whatever_subset_trained_the_model(tmp_path, monkeypatch):
+    config = tiny_run.tiny_config()
+    config.dataset.train_subset = 16
+    variables = tiny_run.random_variables(inference.build_model(config.model, len(CLASS_NAMES)), 0)
+    run = tiny_run.save_run_checkpoint(str(tmp_path / "run"), config, variables, step=3)
+    calls = []
+    monkeypatch.setattr(datasets, "load", fake_loader(calls, tiny_split(8)), raising=False)
+    evaluate.run(run, output=str(tmp_path / "x.json"))
+    assert calls[0]["config"]["train_subset"] == 0
+
+
+def test_a_checkpoint_config_without_a_dataset_field_is_named(tmp_path, monkeypatch, capsys):
+    config = tiny_run.tiny_config()
+    del config.dataset["rebuild"]  # as saved by a version before the field existed
+    variables = tiny_run.random_variables(inference.build_model(config.model, len(CLASS_NAMES)), 0)
+    run = tiny_run.save_run_checkpoint(str(tmp_path / "run"), config, variables, step=3)
+    monkeypatch.setattr(datasets, "load", fake_loader([], tiny_split(8)), raising=False)
+    status = evaluate.main(["--checkpoint", run, "--output", str(tmp_path / "x.json")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "has no config.dataset.rebuild" in err and "older fermsca" in err
