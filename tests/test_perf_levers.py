@@ -13,9 +13,11 @@ def test_cumulative_variants_add_one_lever_each():
     assert perf_levers.levers_of("baseline")[0] == ()
     # argmax_pools, the end of the chain, is the default; xla_default is it without oneDNN.
     assert set(perf_levers.levers_of("argmax_pools")[0]) == {
-        "fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools"}
+        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv", "argmax_pools"}
     assert set(perf_levers.levers_of("xla_default")[0]) == {
-        "fermsca_pools", "hugepage_malloc", "argmax_pools"}
+        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools"}
+    assert set(perf_levers.levers_of("argmax_pools")[0]) - set(perf_levers.levers_of("nn_batchnorm")[0]) == {
+        "fermsca_batchnorm"}
     assert perf_levers.levers_of("bfloat16")[1] == {"dtype": "bfloat16"}
     assert set(perf_levers.NOTES) == set(perf_levers.VARIANTS)
 
@@ -54,16 +56,16 @@ def test_building_blocks_of_each_lever():
     import numpy as np
 
     from configs import default
-    from fermsca.perf import pooling
+    from fermsca.perf import batchnorm, pooling
 
     model_config = default.get_config().model
     base = perf_levers.building_blocks(perf_levers.levers_of("baseline")[0], model_config)
-    assert base == {"conv": nn.Conv, "pool": nn.max_pool}
+    assert base == {"conv": nn.Conv, "norm": nn.BatchNorm, "pool": nn.max_pool}
     pools = perf_levers.building_blocks(("fermsca_pools",), model_config)["pool"]
     assert pools is perf_levers.reshape_max_pool
     model_config.conv_impl = "onednn"  # as the worker sets it for the oneDNN variants
     full = perf_levers.building_blocks(perf_levers.levers_of("argmax_pools")[0], model_config)
-    assert full["pool"] is pooling.max_pool
+    assert full["pool"] is pooling.max_pool and full["norm"] is batchnorm.BatchNorm
     assert repr(full["conv"].keywords["conv_general_dilated"]) == "conv_function('onednn')"
     x = jax.random.normal(jax.random.key(1), (2, 8, 6, 3))
     for args in (((2, 2), (2, 2), "VALID"), ((3, 3), (1, 1), "SAME"), ((2, 2), (1, 1), "SAME")):

@@ -10,17 +10,18 @@ version to what `fermsca.perf.building_blocks` gives by default:
 
 - `baseline`: `nn.Conv` on XLA, `nn.max_pool` (XLA select-and-scatter gradient), glibc's default malloc;
 - `fermsca_pools`: + max-pooling as reshape-max (2x2) and separable shifted maxima (3x3);
+- `fermsca_batchnorm`: + `fermsca.perf.batchnorm.BatchNorm` (normalisation as one multiply-add);
 - `hugepage_malloc`: + `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`fermsca.perf.hugepages`);
 - `onednn_conv`: + convolutions through oneDNN (`fermsca.perf.onednn_conv`);
 - `argmax_pools`: + `fermsca.perf.pooling.max_pool` (each pool records its window's argmax as int8 in
   the forward pass and routes the gradient by it; the pools before it take their gradient from JAX's
   rule for `max`: compare, count ties, divide). This is the default on x86-64 Linux.
 
-Ablations: `xla_default` (the default where oneDNN cannot run: everything but oneDNN), `no_donation`
-(`xla_default` without donating the state's buffers to the step) and `bfloat16` (`xla_default`
-computing in bfloat16, parameters float32). Two earlier levers measured no gain and were removed:
-the residual projection fused with the 1x1 branch into one convolution, and a hand-written BatchNorm
-(experiments/perf/README.md has their numbers).
+Ablations: `nn_batchnorm` (the default with `nn.BatchNorm`), `xla_default` (the default where oneDNN
+cannot run: everything but oneDNN), `no_donation` (`xla_default` without donating the state's
+buffers to the step) and `bfloat16` (`xla_default` computing in bfloat16, parameters float32). An
+earlier lever measured no gain and was removed: the residual projection fused with the 1x1 branch
+into one convolution (experiments/perf/README.md has its numbers).
 """
 
 import argparse
@@ -33,9 +34,11 @@ import sys
 from fermsca import bench
 from fermsca.perf import hugepages
 
-CUMULATIVE = ("baseline", "fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools")
-_XLA_DEFAULT = ("fermsca_pools", "hugepage_malloc", "argmax_pools")
+CUMULATIVE = ("baseline", "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv",
+              "argmax_pools")
+_XLA_DEFAULT = ("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools")
 ABLATIONS = {  # variant: (levers on, config changes)
+    "nn_batchnorm": (("fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools"), {}),
     "xla_default": (_XLA_DEFAULT, {}),
     "no_donation": (_XLA_DEFAULT + ("no_donation",), {}),
     "bfloat16": (_XLA_DEFAULT, {"dtype": "bfloat16"}),
@@ -78,11 +81,11 @@ def reshape_max_pool(x, window_shape, strides=None, padding="VALID"):
 
 
 def building_blocks(levers, model_config) -> dict:
-    """FERNet's convolution and pool under `levers`."""
+    """FERNet's convolution, normalisation and pool under `levers`."""
     import flax.linen as nn
 
     from fermsca import perf
-    from fermsca.perf import pooling
+    from fermsca.perf import batchnorm, pooling
 
     if "argmax_pools" in levers:
         pool = pooling.max_pool
@@ -91,7 +94,8 @@ def building_blocks(levers, model_config) -> dict:
     else:
         pool = nn.max_pool
     conv = perf.building_blocks(model_config)["conv"] if "onednn_conv" in levers else nn.Conv
-    return {"conv": conv, "pool": pool}
+    norm = batchnorm.BatchNorm if "fermsca_batchnorm" in levers else nn.BatchNorm
+    return {"conv": conv, "norm": norm, "pool": pool}
 
 
 def _worker(variant: str, seconds: float) -> dict:
@@ -112,6 +116,8 @@ def _worker(variant: str, seconds: float) -> dict:
 NOTES = {
     "baseline": "plain Flax/XLA: nn.Conv, nn.max_pool, nn.BatchNorm, glibc malloc",
     "fermsca_pools": "max-pooling as reshape-max and separable shifted maxima",
+    "fermsca_batchnorm": "BatchNorm as x * a + b",
+    "nn_batchnorm": "the default with nn.BatchNorm",
     "hugepage_malloc": "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
     "onednn_conv": "convolutions through the oneDNN custom call",
     "argmax_pools": "pool gradients routed by a stored int8 argmax (the default)",

@@ -1,11 +1,12 @@
 """Speed work, kept apart from the paper's network: the building blocks `models.FERNet` runs with.
 
-FERNet takes its convolution and its pools as module arguments (`flax.linen.Conv`, `nn.max_pool` by
-default). `building_blocks(config.model)` is the one place that chooses faster drop-ins with the
-same parameters and mathematics:
+FERNet takes its convolution, normalisation and pools as module arguments (`flax.linen.Conv`,
+`nn.BatchNorm`, `nn.max_pool` by default). `building_blocks(config.model)` is the one place that
+chooses faster drop-ins with the same parameters and mathematics:
 
 - `conv`: `nn.Conv` whose convolution runs through oneDNN (`onednn_conv`, a CPU custom call) when
   `config.model.conv_impl` resolves to "onednn", XLA's otherwise;
+- `norm`: `batchnorm.BatchNorm`, the normalisation as one multiply-add per element;
 - `pool`: `pooling.max_pool`, whose gradient is routed by an int8 argmax stored in the forward pass.
 
 `hugepages` backs large allocations with transparent huge pages (called by the command-line entry
@@ -24,7 +25,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from fermsca.perf import pooling
+from fermsca.perf import batchnorm, pooling
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,9 @@ class _LazyConvFunction:
 
 def building_blocks(model_config: Any, conv_general_dilated: Callable | None = None) -> dict[str, Any]:
     """FERNet's fast building blocks for `model_config` (its conv_impl and dtype), as keyword
-    arguments of `models.from_config`: {"conv": nn.Conv on the chosen convolution, "pool":
-    `pooling.max_pool`}. `conv_general_dilated` overrides the convolution function (e.g. the
-    per-fold convolution of `fermsca.crossval`)."""
+    arguments of `models.from_config`: {"conv": nn.Conv on the chosen convolution, "norm":
+    `batchnorm.BatchNorm`, "pool": `pooling.max_pool`}. `conv_general_dilated` overrides the
+    convolution function (e.g. the per-fold convolution of `fermsca.crossval`)."""
     conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, model_config.dtype)
-    return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "pool": pooling.max_pool}
+    return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "norm": batchnorm.BatchNorm,
+            "pool": pooling.max_pool}
