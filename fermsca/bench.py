@@ -63,7 +63,8 @@ def write_json(path: str, record: dict) -> None:
         json.dump(record, f, indent=2)
 
 
-def _cost_flops(compiled) -> float | None:
+def cost_flops(compiled) -> float | None:
+    """FLOPs of a compiled computation by XLA's cost analysis (None where it gives none)."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
@@ -103,21 +104,20 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3, *, model
                             donate=donate)
     state = trainer.init_state()
     images, targets = random_batch(batch_size, num_classes)
-    batch = {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v)
-             for k, v in {"image": images, "target": targets}.items()}
+    batch = train.global_batch({"image": images, "target": targets}, trainer.batch_sharding)
     key = jax.random.fold_in(trainer.rng, 2)
 
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(state, batch, key).compile()
     compile_seconds = time.perf_counter() - t0
-    step_flops = _cost_flops(compiled)
+    step_flops = cost_flops(compiled)
     conv_impl = perf.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
     if conv_impl != "xla":
         # XLA counts no FLOPs inside custom calls: count the same step (same mathematics) on XLA's path.
         reference = config.copy_and_resolve_references()
         reference.model.conv_impl = "xla"
         ref_trainer = train.Trainer(reference, num_classes, steps_per_epoch=1000, mesh=mesh)
-        step_flops = _cost_flops(ref_trainer.train_step.lower(state, batch, key).compile())
+        step_flops = cost_flops(ref_trainer.train_step.lower(state, batch, key).compile())
     for _ in range(warmup):
         state, _ = compiled(state, batch, key)
     jax.block_until_ready(state)

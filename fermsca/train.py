@@ -140,7 +140,8 @@ def make_mesh() -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's slice of a global batch as global arrays under `sharding` (the step's input)."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
@@ -193,14 +194,14 @@ class Trainer:
         return jax.device_put(state, self.replicated)
 
     def train(self, state: TrainState, batch: dict[str, np.ndarray]):
-        return self.train_step(state, _global_batch(batch, self.batch_sharding),
+        return self.train_step(state, global_batch(batch, self.batch_sharding),
                                jax.random.fold_in(self.rng, 2))
 
     def evaluate(self, state: TrainState, split: Any, batch_size: int) -> dict:
         """Loss, accuracy and confusion matrix over every example of `split` exactly once."""
         total, confusion = None, None
         for batch in input_pipeline.eval_iterator(split, global_batch_size=batch_size):
-            m, cm = self.eval_step(state, _global_batch(batch, self.batch_sharding))
+            m, cm = self.eval_step(state, global_batch(batch, self.batch_sharding))
             total = m if total is None else total.merge(m)
             confusion = cm if confusion is None else confusion + cm
         computed = total.compute()

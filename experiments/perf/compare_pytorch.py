@@ -247,13 +247,13 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         config.model.conv_impl = conv_impl
         t = trainer if conv_impl == "xla" else train.Trainer(config, num_classes, steps_per_epoch=1000,
                                                               mesh=train.make_mesh())
-        batch = train._global_batch({"image": raw, "target": targets}, t.batch_sharding)
+        batch = train.global_batch({"image": raw, "target": targets}, t.batch_sharding)
         key = jax.random.fold_in(t.rng, 2)
         compiled_train = t.train_step.lower(state, batch, key).compile()
         compiled_model = jax.jit(functools.partial(bench.model_step, model=t.model, tx=t.tx),
                                  donate_argnums=(0,)).lower(state, x, y).compile()
         if conv_impl == "xla":
-            model_step_flops = bench._cost_flops(compiled_model)
+            model_step_flops = bench.cost_flops(compiled_model)
         suffix = "" if conv_impl == "xla" else f" ({conv_impl} conv)"
         fermsca_steps[f"fermsca train step{suffix}"] = _stepper(compiled_train, state, batch, key)
         fermsca_steps[f"fermsca model step{suffix}"] = _stepper(compiled_model, state, x, y)

@@ -138,7 +138,7 @@ def build_step(step: str, batch_size: int, conv_impl: str | None):
     state = trainer.init_state()
     raw, targets = bench.random_batch(batch_size, 8)
     if step == "train":
-        args = (train._global_batch({"image": raw, "target": targets}, trainer.batch_sharding),
+        args = (train.global_batch({"image": raw, "target": targets}, trainer.batch_sharding),
                 jax.random.fold_in(trainer.rng, 2))
         fn = trainer.train_step
     else:
