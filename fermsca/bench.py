@@ -13,13 +13,14 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fermsca import hostenv
+from fermsca import cli, hostenv
 from fermsca.perf import hugepages
 
 
@@ -197,4 +198,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     hugepages.ensure()
-    main()
+    sys.exit(cli.run(main))
