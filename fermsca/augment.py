@@ -177,8 +177,8 @@ def augment(rng: Array, images: Array, config: Any) -> Array:
       rng: PRNG key.
       images: uint8 [B, H, W, C].
       config: fields `shift` (fraction of height/width), `rotation` (degrees), `zoom` (range),
-        `flip` (bool) and optionally `isotropic_zoom` (default True); 0 or False turns an op
-        off. Read at trace time, so they must be Python values.
+        `flip` (bool) and `isotropic_zoom` (bool); 0 or False turns an op off. Read at trace
+        time, so they must be Python values.
 
     Returns:
       float32 [B, H, W, C], standardised per image.
@@ -192,7 +192,7 @@ def augment(rng: Array, images: Array, config: Any) -> Array:
             max_shift=float(config.shift),
             max_rotation=float(config.rotation),
             zoom_range=float(config.zoom),
-            isotropic_zoom=bool(getattr(config, "isotropic_zoom", True)),
+            isotropic_zoom=bool(config.isotropic_zoom),
         )
     if config.flip:
         x = random_flip(k_flip, x)

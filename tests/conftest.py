@@ -28,3 +28,24 @@ def compilation_cache():
     hostenv.enable_compilation_cache(directory)
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# A tiny FERNet with random weights and its checkpoint in a training run's layout, for the tests of
+# the model API and the tools on it (test_inference, test_predict).
+@pytest.fixture(scope="module")
+def tiny_model():
+    import tiny_run
+
+    from fermsca import inference
+
+    config = tiny_run.tiny_config()
+    model = inference.build_model(config.model, len(tiny_run.CLASS_NAMES))
+    return config, model, tiny_run.random_variables(model, seed=0)
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_model, tmp_path_factory):
+    import tiny_run
+
+    config, _, variables = tiny_model
+    return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)

@@ -205,7 +205,8 @@ def test_augment_disabled_equals_preprocess():
 
 
 def test_augment_with_paper_config_under_jit():
-    config = ml_collections.ConfigDict(dict(shift=0.05, rotation=10.0, zoom=0.3, flip=True))
+    config = ml_collections.ConfigDict(dict(shift=0.05, rotation=10.0, zoom=0.3, flip=True,
+                                          isotropic_zoom=True))
     images = np.random.default_rng(9).integers(0, 256, (4, SIZE, SIZE, 1), dtype=np.uint8)
     step = jax.jit(lambda key, x: augment.augment(key, x, config))
     out = np.asarray(step(jax.random.key(1), images))

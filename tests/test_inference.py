@@ -34,19 +34,6 @@ def released():
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    config = tiny_run.tiny_config()
-    model = inference.build_model(config.model, len(CLASS_NAMES))
-    return config, model, tiny_run.random_variables(model, seed=0)
-
-
-@pytest.fixture(scope="module")
-def workdir(tiny_model, tmp_path_factory):
-    config, _, variables = tiny_model
-    return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)
-
-
-@pytest.fixture(scope="module")
 def loaded(workdir):
     return inference.load(workdir)
 

@@ -22,19 +22,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERPLUS_TARBALL = os.path.join(REPO, "..", "shared", "data", "ferplus-trainvalid.tar.gz")
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    config = tiny_run.tiny_config()
-    model = inference.build_model(config.model, len(CLASS_NAMES))
-    return config, model, tiny_run.random_variables(model, seed=0)
-
-
-@pytest.fixture(scope="module")
-def workdir(tiny_model, tmp_path_factory):
-    config, _, variables = tiny_model
-    return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)
-
-
 def jitted_probabilities(model, variables, images, **kwargs) -> np.ndarray:
     fn = jax.jit(functools.partial(inference.probabilities, model=model, **kwargs))
     return np.asarray(fn(variables, images))
