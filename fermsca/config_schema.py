@@ -12,14 +12,13 @@ from typing import Any
 
 import ml_collections
 
-from fermsca import losses, perf
+from fermsca import losses, perf, schedules
 from fermsca.cli import ConfigError
 from fermsca.datasets import labels
 
 IMAGE_SIZE = 48
 DATASETS = ("synthetic_faces", "ferplus", "ckplus")
 DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULES = ("table1", "constant")
 
 
 def _one_of(*choices) -> Callable[[Any], str | None]:
@@ -100,8 +99,10 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model.dtype": _one_of(*DTYPES),
     "model.conv_impl": _one_of(*perf.CONV_IMPLS),
     "loss": _one_of(*losses.LOSSES),
-    "optimizer.schedule": _one_of(*SCHEDULES),
+    "label_smoothing": _fraction,
+    "optimizer.schedule": _one_of(*schedules.SCHEDULES),
     "optimizer.learning_rate": _positive_number,
+    "optimizer.warmup_epochs": _at_least(0),
     "optimizer.boundary_epochs": _numbers,
     "optimizer.values": _numbers,
     "optimizer.b1": _fraction,
@@ -173,6 +174,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1, process_c
             f"config.model.widths={tuple(config.model.widths)}: {len(sizes)} residual blocks pool "
             f"the {IMAGE_SIZE}x{IMAGE_SIZE} input down to {sizes[-1]}x{sizes[-1]} (sides "
             f"{sizes}); use at most {sum(s >= 1 for s in sizes)} blocks")
+    if config.optimizer.schedule == "warmup_cosine" and config.optimizer.warmup_epochs >= config.num_epochs:
+        raise ConfigError(f"config.optimizer.warmup_epochs={config.optimizer.warmup_epochs}: must be "
+                          f"below config.num_epochs={config.num_epochs}")
     values, boundaries = fields["optimizer.values"], fields["optimizer.boundary_epochs"]
     if config.optimizer.schedule == "table1" and (values or boundaries):
         if len(values) != len(boundaries) + 1:

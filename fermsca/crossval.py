@@ -110,6 +110,9 @@ def fold_schedule(optimizer_config: Any, steps_per_epoch: Any, num_epochs: int) 
     Both configured schedules (Table 1 and constant) are constant within an epoch, so this is the
     lone run's `create_schedule(optimizer_config, steps_per_epoch, num_epochs)` at every step.
     """
+    if optimizer_config.schedule not in ("table1", "constant"):
+        raise cli.ConfigError(f"config.optimizer.schedule={optimizer_config.schedule!r}: cross-validation "
+                              "takes the schedules that are constant within an epoch (table1, constant)")
     per_epoch = schedules.create_schedule(optimizer_config, 1, num_epochs)
     return lambda count: per_epoch(count // steps_per_epoch)
 
@@ -207,11 +210,13 @@ def _where(keep: jax.Array, new: Any, old: Any) -> Any:
 
 def fold_train_step(state: train.TrainState, batch: dict, rng: jax.Array, steps_per_epoch: jax.Array,
                     active: jax.Array, *, step: Callable, model: Any, loss_fn: Callable,
-                    optimizer_config: Any, num_epochs: int, augment_config: Any):
+                    optimizer_config: Any, num_epochs: int, augment_config: Any,
+                    label_smoothing: float = 0.0):
     """One fold's `step` (`train.train_step`) with its own schedule; an inactive fold (past its
     epoch's S_k steps) keeps its state and contributes nothing to the metrics."""
     tx = fold_optimizer(optimizer_config, steps_per_epoch, num_epochs)
     new_state, step_metrics = step(state, batch, rng, model=model, tx=tx, loss_fn=loss_fn,
+                                   label_smoothing=label_smoothing,
                                    augment_config=augment_config)
     zeros = jax.tree.map(jnp.zeros_like, step_metrics)
     return _where(active, new_state, state), _where(active, step_metrics, zeros)
@@ -248,7 +253,8 @@ def fold_steps(config: ml_collections.ConfigDict, num_classes: int, *,
                        out_shardings=sharding)
     train_fn = functools.partial(
         fold_train_step, step=step, model=model, loss_fn=loss_fn, optimizer_config=config.optimizer,
-        num_epochs=config.num_epochs, augment_config=config.augment)
+        num_epochs=config.num_epochs, augment_config=config.augment,
+        label_smoothing=config.label_smoothing)
     eval_fn = functools.partial(eval_step, model=model, loss_fn=loss_fn, num_classes=num_classes)
     return FoldSteps(convolutions=convolutions, sharding=sharding, init=init_one,
                      train=jax.jit(jax.vmap(train_fn), out_shardings=sharding, donate_argnums=(0,)),

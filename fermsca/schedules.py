@@ -7,6 +7,8 @@ for e <= 80 (81 epochs), at 1e-4 for 81 <= e <= 120, and so on; the rate changes
 epochs 81, 121, 161 and 181.
 
 For shorter budgets `table1_boundaries(num_epochs)` scales these boundaries by num_epochs / 200.
+Beyond the paper, `warmup_cosine` (a linear warm-up to `learning_rate`, then a cosine decay to 0)
+is a schedule made for short budgets.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import optax
 TABLE1_EPOCHS = 200
 TABLE1_BOUNDARIES = (81, 121, 161, 181)  # first epoch (0-based) of each new rate
 TABLE1_VALUES = (1e-3, 1e-4, 1e-5, 1e-6, 5e-7)
+SCHEDULES = ("table1", "constant", "warmup_cosine")  # config.optimizer.schedule
 
 
 def table1_boundaries(num_epochs: int = TABLE1_EPOCHS) -> tuple[int, ...]:
@@ -56,7 +59,8 @@ def create_schedule(config: Any, steps_per_epoch: int, num_epochs: int) -> optax
     """From the `optimizer` sub-config: `schedule` is 'table1' (the paper) or 'constant' (Table 2).
 
     'table1' uses `boundary_epochs` / `values` when given (else Table 1 scaled to `num_epochs`).
-    'constant' uses `learning_rate`.
+    'constant' uses `learning_rate`. 'warmup_cosine' rises linearly from 0 to `learning_rate` over
+    `warmup_epochs`, then decays along a cosine to 0 at the end of `num_epochs`.
     """
     kind = config.schedule
     if kind == "constant":
@@ -65,7 +69,15 @@ def create_schedule(config: Any, steps_per_epoch: int, num_epochs: int) -> optax
         boundaries = config.boundary_epochs or table1_boundaries(num_epochs)
         values = config["values"] or TABLE1_VALUES  # item access: ConfigDict.values is a method
         return piecewise_constant(values, boundaries, steps_per_epoch)
-    raise ValueError(f"config.optimizer.schedule={kind!r}: expected 'table1' or 'constant'")
+    if kind == "warmup_cosine":
+        if not 0 <= config.warmup_epochs < num_epochs:
+            raise ValueError(f"config.optimizer.warmup_epochs={config.warmup_epochs}: must be in "
+                             f"[0, num_epochs={num_epochs})")
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=float(config.learning_rate),
+            warmup_steps=int(config.warmup_epochs) * steps_per_epoch,
+            decay_steps=num_epochs * steps_per_epoch, end_value=0.0)
+    raise ValueError(f"config.optimizer.schedule={kind!r}: expected one of {list(SCHEDULES)}")
 
 
 def create_optimizer(

@@ -86,22 +86,25 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
-               augment_config: Any) -> tuple[TrainState, TrainMetrics]:
+               augment_config: Any, label_smoothing: float = 0.0) -> tuple[TrainState, TrainMetrics]:
     """One optimisation step on a global batch {"image": uint8 [B,48,48,1], "target": [B,K]}.
 
-    Augmentation runs on device with a key derived from (rng, step). A step whose loss or gradients
-    are not finite leaves the state unchanged and is counted in `nonfinite`; the loop stops the run.
+    Augmentation runs on device with a key derived from (rng, step). `label_smoothing` a trains on
+    (1 - a) * target + a / K (beyond the paper; the metrics keep the targets' classes). A step whose
+    loss or gradients are not finite leaves the state unchanged and is counted in `nonfinite`; the
+    loop stops the run.
     """
     step_rng = jax.random.fold_in(rng, state.step)
     aug_rng, dropout_rng = jax.random.split(step_rng)
     images = augment.augment(aug_rng, batch["image"], augment_config)
     targets = batch["target"]
+    train_targets = optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
 
     def loss_and_aux(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        per_example = loss_fn(logits, targets)
+        per_example = loss_fn(logits, train_targets)
         return jnp.mean(per_example), (logits, per_example, updates.get("batch_stats", {}))
 
     grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
@@ -170,7 +173,7 @@ class Trainer:
         self._init = jax.jit(init, out_shardings=self.replicated)
         self.train_step = jax.jit(
             functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
-                              augment_config=config.augment),
+                              augment_config=config.augment, label_smoothing=config.label_smoothing),
             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,) if donate else ())

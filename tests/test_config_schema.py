@@ -49,6 +49,9 @@ def _with(**fields):
     ({"optimizer__values": (1e-3, 1e-4)}, r"values has 2 entries and boundary_epochs 0"),
     ({"dataset__fold": 10}, r"config.dataset.fold=10: must be below config.dataset.num_folds=10"),
     ({"optimiser": 3}, r"unknown config field\(s\): config.optimiser"),
+    ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0: must be in \[0, 1\)"),
+    ({"optimizer__schedule": "warmup_cosine", "optimizer__warmup_epochs": 8, "num_epochs": 8},
+     r"config.optimizer.warmup_epochs=8: must be below config.num_epochs=8"),
 ])
 def test_bad_values_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):

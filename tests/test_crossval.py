@@ -21,7 +21,7 @@ import pytest
 from jax import lax
 
 from configs import default
-from fermsca import checkpoint, crossval, datasets, input_pipeline, schedules, train
+from fermsca import checkpoint, cli, crossval, datasets, input_pipeline, schedules, train
 from fermsca.datasets import ckplus
 from fermsca.perf import onednn_conv
 
@@ -243,3 +243,11 @@ def test_fold_config_names_the_field():
     config.dataset.protocol = "random"
     assert crossval.fold_config(config, 7).dataset.split_seed == 7
     assert crossval.repeat_name(config, 7) == "seed_7"
+
+
+def test_schedules_that_change_within_an_epoch_are_refused():
+    """Folds read the schedule once per epoch, which is the lone run's only for per-epoch schedules."""
+    optimizer = default.get_config().optimizer
+    optimizer.schedule = "warmup_cosine"
+    with pytest.raises(cli.ConfigError, match=r"schedule='warmup_cosine': cross-validation takes"):
+        crossval.fold_schedule(optimizer, 10, 20)

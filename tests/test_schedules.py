@@ -20,6 +20,7 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     c.eps = 1e-7
     c.weight_decay = 0.0
     c.grad_clip_norm = 0.0
+    c.warmup_epochs = 0
     c.update(overrides)
     return c
 
@@ -206,3 +207,20 @@ def test_grad_clip_norm_clips_before_adam():
     expected = np_adam(clipped, [0.1, 0.1], b1=0.9, b2=0.999, eps=1e-2)
     for u, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(u, e, rtol=1e-5, atol=1e-7)
+
+
+def test_warmup_cosine_rises_linearly_then_follows_a_cosine_to_zero():
+    """Against the formula: lr(t) = peak * t / W for t < W, then peak * (1 + cos(pi (t - W) /
+    (T - W))) / 2, with W = warmup_epochs * S and T = num_epochs * S steps."""
+    config = optimizer_config(schedule="warmup_cosine", learning_rate=2e-3, warmup_epochs=2)
+    steps_per_epoch, num_epochs = 5, 10
+    schedule = schedules.create_schedule(config, steps_per_epoch, num_epochs)
+    warm, total = 2 * steps_per_epoch, num_epochs * steps_per_epoch
+    for t in range(total + 1):
+        if t < warm:
+            expected = 2e-3 * t / warm
+        else:
+            expected = 2e-3 * (1 + np.cos(np.pi * (t - warm) / (total - warm))) / 2
+        np.testing.assert_allclose(float(schedule(t)), expected, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match=r"warmup_epochs=10: must be in \[0, num_epochs=10\)"):
+        schedules.create_schedule(optimizer_config(schedule="warmup_cosine", warmup_epochs=10), 5, 10)

@@ -266,3 +266,33 @@ def test_nan_loss_stops_the_run(tmp_path, data_dir):
     if steps:  # every checkpoint left behind holds finite parameters
         for v in final_params(workdir).values():
             assert np.all(np.isfinite(v))
+
+
+def test_label_smoothing_trains_on_smoothed_targets():
+    """train_step with label_smoothing a is train_step on (1 - a) * y + a / K, metrics on y."""
+    import functools
+
+    import jax
+    import optax
+
+    from configs import default
+    from fermsca import losses, models, train
+
+    config = default.get_config()
+    model = models.FERNet(num_classes=4, stem_width=4, widths=(4,))
+    tx = optax.adam(1e-2)
+    state = train.create_train_state(jax.random.key(0), model, tx)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8)
+    targets = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 6)]
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
+                                     augment_config=config.augment), static_argnames="label_smoothing")
+    key = jax.random.key(1)
+    smoothed, m1 = step(state, {"image": images, "target": targets}, key, label_smoothing=0.2)
+    by_hand, m2 = step(state, {"image": images, "target": 0.8 * targets + 0.05}, key)
+    plain, _ = step(state, {"image": images, "target": targets}, key)
+    for a, b in zip(jax.tree.leaves(smoothed.params), jax.tree.leaves(by_hand.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(smoothed.params),
+                                                      jax.tree.leaves(plain.params), strict=True))
+    assert m1.compute()["accuracy"] == m2.compute()["accuracy"]  # labels: the argmax of the targets
