@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.zoom = 0.3
     c.augment.isotropic_zoom = True
     c.augment.flip = False
+    c.augment.mixup_alpha = 0.0  # beyond the paper: > 0 mixes examples (mixup, Beta(a, a) weights)
 
     c.num_epochs = 8
     c.batch_size = 64  # global, over all devices and processes

@@ -20,6 +20,9 @@ c = ((H - 1) / 2, (W - 1) / 2) the image centre, a point p of the input moves to
 Random zoom follows Keras: a factor z is drawn uniformly from [1 - zoom, 1 + zoom] and used as
 the sampling step, so the magnification is 1 / z (zoom 0.3 gives magnifications 0.77 to 1.43).
 Keras draws separate factors for the two axes; `isotropic_zoom=True` (the default) draws one.
+
+Beyond the paper, `mixup` (Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018)
+blends each image and its target with another example of the batch.
 """
 
 from typing import Any
@@ -168,6 +171,21 @@ def random_flip(rng: Array, images: Array) -> Array:
     """Mirrors each image left-right with probability 1/2. [B, H, W, C] -> same dtype."""
     flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
     return jnp.where(flip[:, None, None, None], pix.flip_left_right(images), images)
+
+
+def mixup_params(rng: Array, batch_size: int, alpha: float) -> tuple[Array, Array]:
+    """The mixing weight lambda ~ Beta(alpha, alpha), one per batch, and the partner permutation."""
+    k_lam, k_perm = jax.random.split(rng)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    return lam, jax.random.permutation(k_perm, batch_size)
+
+
+def mixup(rng: Array, images: Array, targets: Array, alpha: float) -> tuple[Array, Array]:
+    """lambda * x + (1 - lambda) * x[perm] for the images and their target distributions alike."""
+    lam, perm = mixup_params(rng, images.shape[0], alpha)
+    mixed_images = lam * images + (1 - lam) * images[perm]
+    mixed_targets = lam * targets + (1 - lam) * targets[perm]
+    return mixed_images.astype(images.dtype), mixed_targets.astype(targets.dtype)
 
 
 def augment(rng: Array, images: Array, config: Any) -> Array:

@@ -115,6 +115,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "augment.zoom": _fraction,
     "augment.isotropic_zoom": _bool,
     "augment.flip": _bool,
+    "augment.mixup_alpha": _at_least(0, integer=False),
     "num_epochs": _at_least(1),
     "batch_size": _at_least(1),
     "eval_batch_size": _at_least(1),

@@ -89,8 +89,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                augment_config: Any, label_smoothing: float = 0.0) -> tuple[TrainState, TrainMetrics]:
     """One optimisation step on a global batch {"image": uint8 [B,48,48,1], "target": [B,K]}.
 
-    Augmentation runs on device with a key derived from (rng, step). `label_smoothing` a trains on
-    (1 - a) * target + a / K (beyond the paper; the metrics keep the targets' classes). A step whose
+    Augmentation runs on device with a key derived from (rng, step). Beyond the paper,
+    `label_smoothing` a trains on (1 - a) * target + a / K, and `augment_config.mixup_alpha` > 0
+    mixes examples (`augment.mixup`); the metrics keep the targets' classes. A step whose
     loss or gradients are not finite leaves the state unchanged and is counted in `nonfinite`; the
     loop stops the run.
     """
@@ -99,6 +100,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     images = augment.augment(aug_rng, batch["image"], augment_config)
     targets = batch["target"]
     train_targets = optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+    if augment_config.mixup_alpha:
+        images, train_targets = augment.mixup(jax.random.fold_in(aug_rng, 1), images, train_targets,
+                                              augment_config.mixup_alpha)
 
     def loss_and_aux(params):
         logits, updates = model.apply(

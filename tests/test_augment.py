@@ -215,3 +215,21 @@ def test_augment_with_paper_config_under_jit():
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
     assert not np.allclose(out, augment.preprocess(images))
     np.testing.assert_array_equal(out, step(jax.random.key(1), images))
+
+
+def test_mixup_blends_images_and_targets_with_one_weight_and_a_permutation():
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((8, SIZE, SIZE, 1)).astype(np.float32)
+    targets = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)]
+    key = jax.random.key(5)
+    mixed, mixed_targets = jax.jit(augment.mixup, static_argnums=3)(key, images, targets, 0.4)
+    lam, perm = augment.mixup_params(key, 8, 0.4)
+    lam, perm = float(lam), np.asarray(perm)
+    assert 0 <= lam <= 1 and sorted(perm.tolist()) == list(range(8))
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[perm], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mixed_targets, lam * targets + (1 - lam) * targets[perm], rtol=1e-6)
+    np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, rtol=1e-6)
+    # lambda ~ Beta(a, a): symmetric about 1/2, and near 0 or 1 for a small a.
+    lams = np.array([float(augment.mixup_params(jax.random.key(i), 8, 0.2)[0]) for i in range(400)])
+    assert abs(lams.mean() - 0.5) < 0.06
+    assert np.mean((lams < 0.1) | (lams > 0.9)) > 0.4

@@ -296,3 +296,33 @@ def test_label_smoothing_trains_on_smoothed_targets():
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(smoothed.params),
                                                       jax.tree.leaves(plain.params), strict=True))
     assert m1.compute()["accuracy"] == m2.compute()["accuracy"]  # labels: the argmax of the targets
+
+
+def test_mixup_in_the_train_step_changes_the_update_and_keeps_it_finite():
+    import functools
+
+    import jax
+    import optax
+
+    from configs import default
+    from fermsca import losses, models, train
+
+    config = default.get_config()
+    model = models.FERNet(num_classes=4, stem_width=4, widths=(4,))
+    tx = optax.adam(1e-2)
+    state = train.create_train_state(jax.random.key(0), model, tx)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8),
+             "target": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 6)]}
+
+    def step(alpha):
+        augment_config = config.augment.copy_and_resolve_references()
+        augment_config.mixup_alpha = alpha
+        fn = functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
+                               augment_config=augment_config)
+        return jax.jit(fn)(state, batch, jax.random.key(1))
+
+    (mixed, m), (plain, _) = step(0.4), step(0.0)
+    assert float(m.compute()["nonfinite"]) == 0
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(mixed.params),
+                                                      jax.tree.leaves(plain.params), strict=True))
