@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loss = "cosine"  # cosine (eq. 4) | cross_entropy
     c.label_smoothing = 0.0  # beyond the paper: train on (1 - a) * target + a / K
+    # Beyond the paper: weight each example's loss by (N / (K n_class)) ** p; 0 off, 1 inverse frequency.
+    c.class_weighting = 0.0
 
     c.optimizer = ml_collections.ConfigDict()
     # table1 (Table 1, scaled to num_epochs) | constant (Table 2) | warmup_cosine (beyond the paper)

@@ -100,6 +100,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model.conv_impl": _one_of(*perf.CONV_IMPLS),
     "loss": _one_of(*losses.LOSSES),
     "label_smoothing": _fraction,
+    "class_weighting": _at_least(0, integer=False),
     "optimizer.schedule": _one_of(*schedules.SCHEDULES),
     "optimizer.learning_rate": _positive_number,
     "optimizer.warmup_epochs": _at_least(0),

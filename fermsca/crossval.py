@@ -395,6 +395,8 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
     config_schema.validate(config)
     if config.dataset.train_subset:
         raise cli.ConfigError("config.dataset.train_subset is not supported by cross-validation")
+    if config.class_weighting:
+        raise cli.ConfigError("config.class_weighting is not supported by cross-validation")
     configs = [fold_config(config, k) for k in folds]
     names = [repeat_name(config, k) for k in folds]
     data = [load(c.dataset, ("train", "validation", "test")) for c in configs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _EPS = 1e-12
 
@@ -42,6 +43,18 @@ def cross_entropy(
 
 
 LOSSES = {"cosine": cosine_similarity_loss, "cross_entropy": cross_entropy}
+
+
+def class_weights(counts, power: float) -> np.ndarray:
+    """Per-class loss weights (N / (K n_k)) ** power for the class counts n_k of a training set
+    (beyond the paper: 1 is inverse frequency, 0.5 its square root, 0 every weight 1), scaled so
+    that the mean weight over the training examples is 1. An absent class gets weight 0."""
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"class counts must be non-negative with a positive sum, got {counts}")
+    n, k = counts.sum(), len(counts)
+    weights = np.where(counts > 0, (n / (k * np.maximum(counts, 1e-12))) ** power, 0.0)
+    return (weights * n / (counts @ weights)).astype(np.float32)
 
 
 def get(name: str):

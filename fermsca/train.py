@@ -86,12 +86,15 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
-               augment_config: Any, label_smoothing: float = 0.0) -> tuple[TrainState, TrainMetrics]:
+               augment_config: Any, label_smoothing: float = 0.0,
+               class_weights: jax.Array | None = None) -> tuple[TrainState, TrainMetrics]:
     """One optimisation step on a global batch {"image": uint8 [B,48,48,1], "target": [B,K]}.
 
     Augmentation runs on device with a key derived from (rng, step). Beyond the paper,
     `label_smoothing` a trains on (1 - a) * target + a / K, and `augment_config.mixup_alpha` > 0
-    mixes examples (`augment.mixup`); the metrics keep the targets' classes. A step whose
+    mixes examples (`augment.mixup`), and `class_weights` [K] weight each example's loss by its
+    target distribution's class weight (`losses.class_weights`); the metrics keep the targets'
+    classes. A step whose
     loss or gradients are not finite leaves the state unchanged and is counted in `nonfinite`; the
     loop stops the run.
     """
@@ -108,7 +111,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        per_example = loss_fn(logits, train_targets)
+        weights = None if class_weights is None else train_targets @ class_weights
+        per_example = loss_fn(logits, train_targets, weights)
         return jnp.mean(per_example), (logits, per_example, updates.get("batch_stats", {}))
 
     grad_fn = jax.value_and_grad(loss_and_aux, has_aux=True)
@@ -155,10 +159,11 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 class Trainer:
     """Compiled steps for one model/config over a mesh. `model` (default: FERNet from config.model
     on this machine's fast building blocks, `perf.building_blocks`) and `donate` (the train step
-    reuses the state's buffers) are for benchmarks."""
+    reuses the state's buffers) are for benchmarks; `class_weights` [K] weight the training loss."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
-                 mesh: jax.sharding.Mesh, *, model: nn.Module | None = None, donate: bool = True):
+                 mesh: jax.sharding.Mesh, *, model: nn.Module | None = None, donate: bool = True,
+                 class_weights: np.ndarray | None = None):
         self.config = config
         self.num_classes = num_classes
         self.mesh = mesh
@@ -177,7 +182,8 @@ class Trainer:
         self._init = jax.jit(init, out_shardings=self.replicated)
         self.train_step = jax.jit(
             functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
-                              augment_config=config.augment, label_smoothing=config.label_smoothing),
+                              augment_config=config.augment, label_smoothing=config.label_smoothing,
+                              class_weights=class_weights),
             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,) if donate else ())
@@ -297,7 +303,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         num_steps = min(num_steps, config.max_steps)
     num_classes = len(data.class_names)
 
-    trainer = Trainer(config, num_classes, steps_per_epoch, mesh)
+    class_weights = None
+    if config.class_weighting:
+        class_weights = losses.class_weights(train_split.targets.sum(axis=0), config.class_weighting)
+        logging.info("class weights (class_weighting=%s): %s", config.class_weighting,
+                     ", ".join(f"{n} {w:.2f}" for n, w in zip(data.class_names, class_weights, strict=True)))
+    trainer = Trainer(config, num_classes, steps_per_epoch, mesh, class_weights=class_weights)
     ckpts = checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                       asynchronous=config.async_checkpoints)
     try:

@@ -50,6 +50,7 @@ def _with(**fields):
     ({"dataset__fold": 10}, r"config.dataset.fold=10: must be below config.dataset.num_folds=10"),
     ({"optimiser": 3}, r"unknown config field\(s\): config.optimiser"),
     ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0: must be in \[0, 1\)"),
+    ({"class_weighting": -1.0}, r"config.class_weighting=-1.0: must be >= 0"),
     ({"optimizer__schedule": "warmup_cosine", "optimizer__warmup_epochs": 8, "num_epochs": 8},
      r"config.optimizer.warmup_epochs=8: must be below config.num_epochs=8"),
 ])

@@ -141,3 +141,16 @@ def test_get():
     assert losses.get("cross_entropy") is losses.cross_entropy
     with pytest.raises(ValueError, match="hinge"):
         losses.get("hinge")
+
+
+def test_class_weights_by_hand():
+    # counts 60 / 30 / 10 / 0: N = 100, K = 4; inverse frequency N / (K n) = 5/12, 5/6, 5/2, (absent)
+    w = losses.class_weights([60, 30, 10, 0], power=1.0)
+    scale = 100 / (60 * 5 / 12 + 30 * 5 / 6 + 10 * 5 / 2)  # mean weight over the examples is 1
+    np.testing.assert_allclose(w, np.array([5 / 12, 5 / 6, 5 / 2, 0]) * scale, rtol=1e-6)
+    np.testing.assert_allclose(np.dot([60, 30, 10, 0], w) / 100, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(losses.class_weights([60, 30, 10], power=0.0), 1.0, rtol=1e-6)
+    half = losses.class_weights([60, 30, 10], power=0.5)
+    np.testing.assert_allclose(half[2] / half[0], np.sqrt(6.0), rtol=1e-6)  # sqrt(60 / 10)
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        losses.class_weights([0, 0], power=1.0)

@@ -326,3 +326,35 @@ def test_mixup_in_the_train_step_changes_the_update_and_keeps_it_finite():
     assert float(m.compute()["nonfinite"]) == 0
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(mixed.params),
                                                       jax.tree.leaves(plain.params), strict=True))
+
+
+def test_class_weights_weight_each_example_by_its_target():
+    """train_step with class_weights w: each example's loss times targets @ w (here one-hot: w[y])."""
+    import functools
+
+    import jax
+    import optax
+
+    from configs import default
+    from fermsca import augment, losses, models, train
+
+    config = default.get_config()
+    config.augment.update(shift=0.0, rotation=0.0, zoom=0.0)  # the same images in both steps
+    model = models.FERNet(num_classes=4, stem_width=4, widths=(4,))
+    tx = optax.sgd(0.0)  # metrics only: the loss before the update
+    state = train.create_train_state(jax.random.key(0), model, tx)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 6)
+    batch = {"image": rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8),
+             "target": np.eye(4, dtype=np.float32)[labels]}
+    w = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
+    step = functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
+                             augment_config=config.augment)
+    _, weighted = jax.jit(functools.partial(step, class_weights=w))(state, batch, jax.random.key(1))
+    _, plain = jax.jit(step)(state, batch, jax.random.key(1))
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         augment.preprocess(batch["image"]), train=True, mutable=["batch_stats"])[0]
+    per_example = np.asarray(losses.cosine_similarity_loss(logits, batch["target"]))
+    np.testing.assert_allclose(float(plain.compute()["loss"]), per_example.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(weighted.compute()["loss"]), (per_example * w[labels]).mean(),
+                               rtol=1e-5)
