@@ -5,6 +5,7 @@ Runs use a tiny network on a 256-image subset of the built-in synthetic set, in 
 as a user runs it, and XLA_FLAGS must be set before JAX starts).
 """
 
+import functools
 import json
 import os
 import signal
@@ -13,7 +14,10 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
+import optax
 import pytest
 
 from fermsca import checkpoint
@@ -268,29 +272,46 @@ def test_nan_loss_stops_the_run(tmp_path, data_dir):
             assert np.all(np.isfinite(v))
 
 
-def test_label_smoothing_trains_on_smoothed_targets():
-    """train_step with label_smoothing a is train_step on (1 - a) * y + a / K, metrics on y."""
-    import functools
+class _Linear(nn.Module):
+    """A model as small as the train step allows (logits from pixels, BatchNorm statistics), so that
+    the step's own logic is tested without compiling FERNet."""
 
-    import jax
-    import optax
+    num_classes: int = 4
 
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train)(x.reshape(x.shape[0], -1))
+        return nn.Dense(self.num_classes)(x)
+
+
+def _step_setup(**augment_fields):
+    """(jitted train_step with keyword arguments bound, state, batch): no affine augmentation, so a
+    step's images are the preprocessed batch."""
     from configs import default
-    from fermsca import losses, models, train
+    from fermsca import losses, train
 
     config = default.get_config()
-    model = models.FERNet(num_classes=4, stem_width=4, widths=(4,))
-    tx = optax.adam(1e-2)
+    config.augment.update(shift=0.0, rotation=0.0, zoom=0.0, **augment_fields)
+    model, tx = _Linear(), optax.sgd(0.1)
     state = train.create_train_state(jax.random.key(0), model, tx)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8)
-    targets = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 6)]
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
-                                     augment_config=config.augment), static_argnames="label_smoothing")
-    key = jax.random.key(1)
-    smoothed, m1 = step(state, {"image": images, "target": targets}, key, label_smoothing=0.2)
-    by_hand, m2 = step(state, {"image": images, "target": 0.8 * targets + 0.05}, key)
-    plain, _ = step(state, {"image": images, "target": targets}, key)
+    batch = {"image": rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8),
+             "target": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 6)]}
+
+    def step(batch, **kwargs):
+        fn = functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
+                               augment_config=config.augment, **kwargs)
+        return jax.jit(fn)(state, batch, jax.random.key(1))
+
+    return step, model, state, batch
+
+
+def test_label_smoothing_trains_on_smoothed_targets():
+    """train_step with label_smoothing a is train_step on (1 - a) * y + a / K, metrics on y."""
+    step, _, _, batch = _step_setup()
+    smoothed, m1 = step(batch, label_smoothing=0.2)
+    by_hand, m2 = step({**batch, "target": 0.8 * batch["target"] + 0.05})
+    plain, _ = step(batch)
     for a, b in zip(jax.tree.leaves(smoothed.params), jax.tree.leaves(by_hand.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(smoothed.params),
@@ -299,30 +320,9 @@ def test_label_smoothing_trains_on_smoothed_targets():
 
 
 def test_mixup_in_the_train_step_changes_the_update_and_keeps_it_finite():
-    import functools
-
-    import jax
-    import optax
-
-    from configs import default
-    from fermsca import losses, models, train
-
-    config = default.get_config()
-    model = models.FERNet(num_classes=4, stem_width=4, widths=(4,))
-    tx = optax.adam(1e-2)
-    state = train.create_train_state(jax.random.key(0), model, tx)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8),
-             "target": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 6)]}
-
-    def step(alpha):
-        augment_config = config.augment.copy_and_resolve_references()
-        augment_config.mixup_alpha = alpha
-        fn = functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
-                               augment_config=augment_config)
-        return jax.jit(fn)(state, batch, jax.random.key(1))
-
-    (mixed, m), (plain, _) = step(0.4), step(0.0)
+    mix_step, _, _, batch = _step_setup(mixup_alpha=0.4)
+    mixed, m = mix_step(batch)
+    plain, _ = _step_setup()[0](batch)
     assert float(m.compute()["nonfinite"]) == 0
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(mixed.params),
                                                       jax.tree.leaves(plain.params), strict=True))
@@ -330,31 +330,16 @@ def test_mixup_in_the_train_step_changes_the_update_and_keeps_it_finite():
 
 def test_class_weights_weight_each_example_by_its_target():
     """train_step with class_weights w: each example's loss times targets @ w (here one-hot: w[y])."""
-    import functools
+    from fermsca import augment, losses
 
-    import jax
-    import optax
-
-    from configs import default
-    from fermsca import augment, losses, models, train
-
-    config = default.get_config()
-    config.augment.update(shift=0.0, rotation=0.0, zoom=0.0)  # the same images in both steps
-    model = models.FERNet(num_classes=4, stem_width=4, widths=(4,))
-    tx = optax.sgd(0.0)  # metrics only: the loss before the update
-    state = train.create_train_state(jax.random.key(0), model, tx)
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, 6)
-    batch = {"image": rng.integers(0, 256, (6, 48, 48, 1), dtype=np.uint8),
-             "target": np.eye(4, dtype=np.float32)[labels]}
+    step, model, state, batch = _step_setup()
     w = np.array([0.5, 1.0, 2.0, 4.0], np.float32)
-    step = functools.partial(train.train_step, model=model, tx=tx, loss_fn=losses.get("cosine"),
-                             augment_config=config.augment)
-    _, weighted = jax.jit(functools.partial(step, class_weights=w))(state, batch, jax.random.key(1))
-    _, plain = jax.jit(step)(state, batch, jax.random.key(1))
+    _, weighted = step(batch, class_weights=w)
+    _, plain = step(batch)
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          augment.preprocess(batch["image"]), train=True, mutable=["batch_stats"])[0]
     per_example = np.asarray(losses.cosine_similarity_loss(logits, batch["target"]))
+    labels = batch["target"].argmax(axis=1)
     np.testing.assert_allclose(float(plain.compute()["loss"]), per_example.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(weighted.compute()["loss"]), (per_example * w[labels]).mean(),
                                rtol=1e-5)
