@@ -110,9 +110,10 @@ def fold_schedule(optimizer_config: Any, steps_per_epoch: Any, num_epochs: int) 
     Both configured schedules (Table 1 and constant) are constant within an epoch, so this is the
     lone run's `create_schedule(optimizer_config, steps_per_epoch, num_epochs)` at every step.
     """
-    if optimizer_config.schedule not in ("table1", "constant"):
+    if optimizer_config.schedule not in schedules.EPOCHWISE:
         raise cli.ConfigError(f"config.optimizer.schedule={optimizer_config.schedule!r}: cross-validation "
-                              "takes the schedules that are constant within an epoch (table1, constant)")
+                              "takes the schedules that are constant within an epoch "
+                              f"({', '.join(schedules.EPOCHWISE)})")
     per_epoch = schedules.create_schedule(optimizer_config, 1, num_epochs)
     return lambda count: per_epoch(count // steps_per_epoch)
 
@@ -192,12 +193,10 @@ def fold_model(model_config: Any, num_classes: int, per_fold_convs: bool | None 
         per_fold_convs = jax.default_backend() == "cpu"
     if per_fold_convs:
         impl = perf.resolve_conv_impl(model_config.conv_impl, model_config.dtype)
-        conv = fold_conv(perf.conv_function(impl, model_config.dtype))
-        return models.from_config(model_config, num_classes, **perf.building_blocks(model_config, conv)
-                                  ), f"{impl}, per fold"
-    # oneDNN's custom_partitioning call has no batching (vmap) rule
-    blocks = perf.building_blocks(model_config, lax.conv_general_dilated)
-    return models.from_config(model_config, num_classes, **blocks), "xla, grouped over folds"
+        conv, how = fold_conv(perf.conv_function(impl, model_config.dtype)), f"{impl}, per fold"
+    else:  # oneDNN's custom_partitioning call has no batching (vmap) rule
+        conv, how = lax.conv_general_dilated, "xla, grouped over folds"
+    return models.from_config(model_config, num_classes, **perf.building_blocks(model_config, conv)), how
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ TABLE1_EPOCHS = 200
 TABLE1_BOUNDARIES = (81, 121, 161, 181)  # first epoch (0-based) of each new rate
 TABLE1_VALUES = (1e-3, 1e-4, 1e-5, 1e-6, 5e-7)
 SCHEDULES = ("table1", "constant", "warmup_cosine")  # config.optimizer.schedule
+EPOCHWISE = ("table1", "constant")  # the schedules whose rate changes only at epoch boundaries
 
 
 def table1_boundaries(num_epochs: int = TABLE1_EPOCHS) -> tuple[int, ...]:

@@ -90,13 +90,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                class_weights: jax.Array | None = None) -> tuple[TrainState, TrainMetrics]:
     """One optimisation step on a global batch {"image": uint8 [B,48,48,1], "target": [B,K]}.
 
-    Augmentation runs on device with a key derived from (rng, step). Beyond the paper,
-    `label_smoothing` a trains on (1 - a) * target + a / K, and `augment_config.mixup_alpha` > 0
-    mixes examples (`augment.mixup`), and `class_weights` [K] weight each example's loss by its
-    target distribution's class weight (`losses.class_weights`); the metrics keep the targets'
-    classes. A step whose
-    loss or gradients are not finite leaves the state unchanged and is counted in `nonfinite`; the
-    loop stops the run.
+    Augmentation runs on device with a key derived from (rng, step). A step whose loss or gradients
+    are not finite leaves the state unchanged and is counted in `nonfinite`; the loop stops the run.
+
+    Beyond the paper: `label_smoothing` a trains on (1 - a) * target + a / K,
+    `augment_config.mixup_alpha` > 0 mixes examples (`augment.mixup`), and `class_weights` [K]
+    weight each example's loss by its target distribution's class weight (`losses.class_weights`).
+    The metrics keep the targets' classes.
     """
     step_rng = jax.random.fold_in(rng, state.step)
     aug_rng, dropout_rng = jax.random.split(step_rng)
