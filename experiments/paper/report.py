@@ -52,21 +52,19 @@ def gather(relative_to: Path, results_root: Path = common.RESULTS, heading_level
 
 def index(relative_to: Path, tables: Path, results_root: Path = common.RESULTS) -> str:
     """One line per study with results (full before quick), linked to its table and to `tables`."""
-    rows = []
-    for study in TRAINING_STUDIES:
-        for mode in ("full", "quick"):
-            if common.study_table(study, mode, relative_to, results_root):
-                table = results_root / study.name / mode / "table.md"
-                target = table if table.is_file() else tables
-                rows.append(f"| {study.title} | {mode} | {common.link('table', target, relative_to)} |")
-    rows.append(f"| Table 4: comparison with published results | - | "
-                f"{common.link('table', tables, relative_to)} |")
-    for mode in ("full", "quick"):
-        if (results_root / scaling.STUDY_NAME / mode / "scaling.json").is_file():
-            table = results_root / scaling.STUDY_NAME / mode / "table.md"
-            target = table if table.is_file() else tables
-            link = common.link("table", target, relative_to)
-            rows.append(f"| Scaling of the train step | {mode} | {link} |")
+
+    def row(title: str, mode: str, folder: Path | None) -> str:
+        table = folder / "table.md" if folder else tables
+        target = table if table.is_file() else tables
+        return f"| {title} | {mode} | {common.link('table', target, relative_to)} |"
+
+    rows = [row(study.title, mode, results_root / study.name / mode)
+            for study in TRAINING_STUDIES for mode in ("full", "quick")
+            if common.study_table(study, mode, relative_to, results_root)]
+    rows.append(row("Table 4: comparison with published results", "-", None))
+    rows += [row("Scaling of the train step", mode, results_root / scaling.STUDY_NAME / mode)
+             for mode in ("full", "quick")
+             if (results_root / scaling.STUDY_NAME / mode / "scaling.json").is_file()]
     return "\n".join(["| study | budget | results |", "|---|---|---|", *rows,
                       "", f"Every table on one page: {common.link(tables.name, tables, relative_to)}. "
                       "Quick rows are tiny-budget runs that check each study end to end, not "
