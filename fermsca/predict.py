@@ -1,7 +1,8 @@
 """Facial expressions of the faces in image files, folders and videos.
 
     python -m fermsca.predict [--checkpoint DIR] [--tta] [--annotate OUTDIR] PATH...
-    python -m fermsca.predict --video clip.mp4 --every_n_frames 15
+    python -m fermsca.predict --video clip.mp4 --every_n_frames 15 [--annotate-video out.mp4]
+    python -m fermsca.predict --webcam [N]      # camera N (default 0), live in a window
 
 Faces are found with OpenCV's Haar cascade (`fermsca.faces`), cropped to a square (`--margin`),
 converted to 48x48 grayscale and classified in jitted batches by `fermsca.inference` (the model
@@ -17,8 +18,17 @@ One JSON line per record on stdout:
     {"file": "c.jpg", "error": "empty file (0 bytes)"}             the file cannot be used
 
 Boxes are in pixels of the image as displayed (EXIF orientation applied). Video records also carry
-"frame", the 0-based frame index. A bad file never stops the run; the exit status is 1 when any
-error record was written, 0 otherwise.
+"frame", the 0-based frame index, and each face record "track": the id (from 1) of the face
+followed across the video's sampled frames (`fermsca.tracking`: IoU matching of boxes). A video
+record's "probabilities", "label" and "score" are its track's moving average over frames
+(`--smoothing`, the weight of the newest frame; 1 gives each frame's own output). A bad file never
+stops the run; the exit status is 1 when any error record was written, 0 otherwise.
+
+`--annotate-video` writes the video again (mp4v, the input's frame rate and size, every frame) with
+boxes, track ids, labels and per-class probability bars; frames between sampled ones show the
+last sampled frame's faces. `--webcam` shows the same drawing live in a Tk window (tkinter and
+Pillow's ImageTk: the OpenCV wheel is headless, and Tk ships with Python) until q, Esc or the
+window is closed; it needs a display and a camera, and says so in one line when either is missing.
 """
 
 from __future__ import annotations
@@ -37,11 +47,15 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fermsca import cli, faces, hostenv, inference
+from fermsca import cli, faces, hostenv, inference, tracking
 
 DEFAULT_CHECKPOINT = inference.RELEASED_FERPLUS
 MAX_MEGAPIXELS = 50.0
 MAX_FILE_MB = 100.0
+MAX_PENDING_MB = 256.0  # frames kept for drawing while their faces wait for a batch
+VIDEO_FOURCC = "mp4v"
+FALLBACK_FPS = 25.0  # for --annotate-video when the input does not state its frame rate
+LIVE_BATCH = 8  # faces per model call in --webcam: a frame holds few
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".avif"})
 
@@ -168,8 +182,66 @@ def video_frames(path: str, every_n_frames: int = 1, *,
         capture.release()
 
 
+def video_fps(path: str) -> float:
+    """The frame rate a video file states, or FALLBACK_FPS when it states none."""
+    capture = cv2.VideoCapture(path)
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    finally:
+        capture.release()
+    return float(fps) if np.isfinite(fps) and fps > 0 else FALLBACK_FPS
+
+
+# ----------------------------------------------------------------------------------------------
+# Records of one image or frame, and faces followed across frames.
+
+
+def face_records(source: dict, boxes: Sequence, probabilities: Any, class_names: Sequence[str],
+                 track_ids: Sequence[int] | None = None) -> list[dict]:
+    """The records of one image or frame: one per face (in `boxes` order), or one saying none."""
+    if not len(boxes):
+        return [{**source, "faces": 0}]
+    records = []
+    for i, (box, p) in enumerate(zip(boxes, probabilities, strict=True)):
+        k = int(np.argmax(p))
+        record = {**source, "faces": len(boxes), "face": i}
+        if track_ids is not None:
+            record["track"] = int(track_ids[i])
+        record.update({
+            "box": [int(v) for v in box], "label": class_names[k], "score": round(float(p[k]), 6),
+            "probabilities": {n: round(float(v), 6) for n, v in zip(class_names, p, strict=True)},
+        })
+        records.append(record)
+    return records
+
+
+def tracked_records(state: tracking.TrackerState, source: dict, boxes: Sequence,
+                    probabilities: Any, class_names: Sequence[str], *,
+                    smoothing: float = tracking.DEFAULT_SMOOTHING
+                    ) -> tuple[tracking.TrackerState, list[dict]]:
+    """`face_records` of one frame after `tracking.update`: each face with its track id and its
+    track's smoothed probabilities. Returns (the tracks after this frame, the records)."""
+    state, tracks = tracking.update(state, [tuple(b) for b in boxes], probabilities,
+                                    smoothing=smoothing)
+    smoothed = [t.probabilities for t in tracks]
+    return state, face_records(source, boxes, smoothed, class_names, [t.id for t in tracks])
+
+
 # ----------------------------------------------------------------------------------------------
 # Running: faces of each input, classified in batches, records emitted in input order.
+
+
+@dataclasses.dataclass
+class _VideoRun:
+    """One video on its way through the Predictor: its tracks and its annotated copy."""
+
+    path: str
+    out: str | None = None  # --annotate-video file
+    fps: float = FALLBACK_FPS
+    tracks: tracking.TrackerState = dataclasses.field(default_factory=tracking.TrackerState)
+    shown: list = dataclasses.field(default_factory=list)  # records drawn on unsampled frames
+    writer: Any = None  # cv2.VideoWriter, opened at the first frame
+    failed: bool = False
 
 
 @dataclasses.dataclass
@@ -182,6 +254,8 @@ class _Item:
     image: np.ndarray | None = None  # RGB, kept only for annotation
     annotate_name: str = ""
     error: str | None = None
+    video: _VideoRun | None = None
+    sampled: bool = True  # False: a video frame only drawn (--annotate-video), not classified
 
 
 @dataclasses.dataclass
@@ -206,7 +280,9 @@ class Predictor:
     def __init__(self, classifier: Callable[[np.ndarray], np.ndarray], class_names: Sequence[str],
                  emit: Callable[[dict], None], *, detect: bool = True, margin: float = 0.0,
                  annotate_dir: str | None = None, max_megapixels: float = MAX_MEGAPIXELS,
-                 max_file_mb: float = MAX_FILE_MB, batch_size: int = 64):
+                 max_file_mb: float = MAX_FILE_MB, batch_size: int = 64,
+                 smoothing: float = tracking.DEFAULT_SMOOTHING):
+        tracking.ema(0.0, 0.0, smoothing)  # checks the range
         self.classifier = classifier
         self.class_names = tuple(class_names)
         self.emit = emit
@@ -216,25 +292,30 @@ class Predictor:
         self.max_megapixels = max_megapixels
         self.max_file_mb = max_file_mb
         self.batch_size = batch_size
+        self.smoothing = smoothing
         self.summary = Summary()
         self._pending: list[_Item] = []
         self._pending_crops = 0
+        self._pending_bytes = 0
         self._written: set[str] = set()
 
     def _add(self, item: _Item) -> None:
         self._pending.append(item)
         self._pending_crops += len(item.crops)
-        if self._pending_crops >= self.batch_size or len(self._pending) >= self.batch_size:
+        self._pending_bytes += 0 if item.image is None else item.image.nbytes
+        if (self._pending_crops >= self.batch_size or len(self._pending) >= self.batch_size
+                or self._pending_bytes > MAX_PENDING_MB * 2**20):
             self.flush()
 
-    def _item(self, source: dict, rgb: np.ndarray, annotate_name: str) -> _Item:
+    def _item(self, source: dict, rgb: np.ndarray, annotate_name: str,
+              keep_image: bool = False) -> _Item:
         try:
             boxes, crops = inference.face_crops(rgb, detect=self.detect, margin=self.margin)
         except faces.FaceDetectorError:
             raise
         except Exception as e:  # noqa: BLE001 - a bad image must not stop the run
             return _Item(source, error=_describe(e))
-        keep = rgb if self.annotate_dir else None
+        keep = rgb if self.annotate_dir or keep_image else None
         return _Item(source, boxes, crops, keep, annotate_name)
 
     def image(self, path: str, annotate_name: str | None = None) -> None:
@@ -252,15 +333,26 @@ class Predictor:
             return
         self._add(self._item(source, rgb, name))
 
-    def video(self, path: str, every_n_frames: int = 1) -> None:
-        """Queues the faces of every `every_n_frames`-th frame of a video file."""
+    def video(self, path: str, every_n_frames: int = 1, annotate_video: str | None = None) -> None:
+        """Queues the faces of every `every_n_frames`-th frame of a video file, followed across
+        frames; with `annotate_video`, every frame is also drawn into that video file."""
         stem = os.path.splitext(os.path.basename(path))[0]
+        run = _VideoRun(path, annotate_video)
+        if annotate_video:
+            run.fps = video_fps(path)
         frame_index = None
         try:
-            for frame_index, rgb in video_frames(path, every_n_frames,
-                                                 max_megapixels=self.max_megapixels):
+            # An annotated copy needs every frame decoded; otherwise only the sampled ones are.
+            step = 1 if annotate_video else every_n_frames
+            for frame_index, rgb in video_frames(path, step, max_megapixels=self.max_megapixels):
                 source = {"file": path, "frame": frame_index}
-                self._add(self._item(source, rgb, f"{stem}_frame{frame_index:06d}.png"))
+                if frame_index % every_n_frames:
+                    item = _Item(source, image=rgb, sampled=False)
+                else:
+                    item = self._item(source, rgb, f"{stem}_frame{frame_index:06d}.png",
+                                      keep_image=bool(annotate_video))
+                item.video = run
+                self._add(item)
         except faces.FaceDetectorError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -268,6 +360,10 @@ class Predictor:
             if frame_index is not None:
                 source["frame"] = frame_index
             self._add(_Item(source, error=_describe(e)))
+        if annotate_video:
+            self.flush()
+            if run.writer is not None:
+                run.writer.release()
 
     def flush(self) -> None:
         """Classifies the queued faces and emits the queued records in order."""
@@ -279,10 +375,20 @@ class Predictor:
                 self.summary.errors += 1
                 self.emit({**item.source, "error": item.error})
                 continue
+            run = item.video
+            if not item.sampled:
+                self._write_frame(run, item.image, run.shown)
+                continue
             self.summary.images += 1
             item_probs = probs[used:used + len(item.crops)] if item.crops else []
             used += len(item.crops)
-            records = self._records(item, item_probs)
+            if run is None:
+                records = face_records(item.source, item.boxes, item_probs, self.class_names)
+            else:
+                run.tracks, records = tracked_records(
+                    run.tracks, item.source, item.boxes, item_probs, self.class_names,
+                    smoothing=self.smoothing)
+            self._count(records)
             for record in records:
                 self.emit(record)
             if self.annotate_dir:
@@ -292,29 +398,41 @@ class Predictor:
                     self.summary.errors += 1
                     self.emit({**item.source, "error": f"annotated image not written: "
                                                        f"{_describe(e)}"})
-        self._pending, self._pending_crops = [], 0
+            if run is not None and run.out:
+                run.shown = records
+                self._write_frame(run, item.image, records)
+        self._pending, self._pending_crops, self._pending_bytes = [], 0, 0
 
-    def _records(self, item: _Item, probs: Any) -> list[dict]:
-        count = len(item.boxes)
-        if not count:
+    def _count(self, records: list[dict]) -> None:
+        if records[0]["faces"]:
+            self.summary.faces += len(records)
+        else:
             self.summary.no_face += 1
-            return [{**item.source, "faces": 0}]
-        self.summary.faces += count
-        records = []
-        for i, (box, p) in enumerate(zip(item.boxes, probs, strict=True)):
-            k = int(np.argmax(p))
-            records.append({
-                **item.source, "faces": count, "face": i, "box": [int(v) for v in box],
-                "label": self.class_names[k], "score": round(float(p[k]), 6),
-                "probabilities": {n: round(float(v), 6) for n, v in zip(self.class_names, p,
-                                                                        strict=True)},
-            })
-        return records
+
+    def _write_frame(self, run: _VideoRun, rgb: np.ndarray, records: list[dict]) -> None:
+        if run.failed:
+            return
+        try:
+            if run.writer is None:
+                if os.path.dirname(run.out):
+                    os.makedirs(os.path.dirname(run.out), exist_ok=True)
+                height, width = rgb.shape[:2]
+                run.writer = cv2.VideoWriter(run.out, cv2.VideoWriter_fourcc(*VIDEO_FOURCC),
+                                             run.fps, (width, height))
+                if not run.writer.isOpened():
+                    raise OSError(f"OpenCV cannot write {VIDEO_FOURCC} video to {run.out}")
+            drawn = draw_annotations(rgb, records, bars=True)
+            run.writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        except Exception as e:  # noqa: BLE001 - the records go on; the video is reported once
+            run.failed = True
+            self.summary.errors += 1
+            self.emit({"file": run.path, "error": f"annotated video {run.out} not written: "
+                                                  f"{_describe(e)}"})
 
     def _annotate(self, item: _Item, records: list[dict]) -> None:
         path = self._annotation_path(item.annotate_name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        drawn = draw_annotations(item.image, records)
+        drawn = draw_annotations(item.image, records, bars=item.video is not None)
         if not cv2.imwrite(path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
             raise OSError(f"{path}: OpenCV could not write the annotated image")
 
@@ -335,23 +453,228 @@ class Predictor:
         return self.summary
 
 
-def draw_annotations(rgb: np.ndarray, records: Sequence[dict]) -> np.ndarray:
-    """A copy of an RGB image with each face record's box, label and score drawn on it."""
+# ----------------------------------------------------------------------------------------------
+# Drawing: boxes, labels, track ids and per-class probability bars.
+
+# RGB colours of tracks 1, 2, ... (faces without a track are drawn in the first).
+PALETTE = ((0, 255, 0), (255, 160, 0), (0, 200, 255), (255, 80, 200), (255, 255, 0),
+           (170, 130, 255))
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def draw_annotations(rgb: np.ndarray, records: Sequence[dict], *, bars: bool = False) -> np.ndarray:
+    """A copy of an RGB image with each face record's box, label and score drawn on it, its track
+    id ("#3") when it has one, and with `bars` a panel of its per-class probabilities."""
     out = np.ascontiguousarray(rgb).copy()
     thickness = max(1, round(min(out.shape[:2]) / 250))
     font_scale = max(0.4, thickness * 0.5)
     for record in records:
         if "box" not in record:
             continue
+        colour = PALETTE[(record.get("track", 1) - 1) % len(PALETTE)]
         x, y, w, h = record["box"]
-        cv2.rectangle(out, (x, y), (x + w, y + h), (0, 255, 0), thickness)
+        cv2.rectangle(out, (x, y), (x + w, y + h), colour, thickness)
         text = f"{record['label']} {record['score']:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        if "track" in record:
+            text = f"#{record['track']} {text}"
+        (tw, th), base = cv2.getTextSize(text, _FONT, font_scale, thickness)
         top = y - th - base - 2 if y - th - base - 2 >= 0 else y + h
-        cv2.rectangle(out, (x, top), (x + tw + 2, top + th + base + 2), (0, 255, 0), -1)
-        cv2.putText(out, text, (x + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                    (0, 0, 0), thickness, cv2.LINE_AA)
+        cv2.rectangle(out, (x, top), (x + tw + 2, top + th + base + 2), colour, -1)
+        cv2.putText(out, text, (x + 1, top + th + 1), _FONT, font_scale, (0, 0, 0), thickness,
+                    cv2.LINE_AA)
+        if bars:
+            _draw_bars(out, record, colour)
     return out
+
+
+def _draw_bars(out: np.ndarray, record: dict, colour: tuple[int, int, int]) -> None:
+    """One row per class (name, bar as long as its probability) beside the face box, inside the
+    image; the top class's bar in the track's colour, the others grey, on a darkened panel."""
+    height, width = out.shape[:2]
+    scale = max(0.35, min(height, width) / 1200)
+    probs = record["probabilities"]
+    names = [n[:9] for n in probs]
+    (name_w, text_h), base = max((cv2.getTextSize(n, _FONT, scale, 1) for n in names),
+                                 key=lambda size: size[0][0])
+    row = text_h + base + 3
+    bar_w = 5 * row
+    panel_w, panel_h = name_w + bar_w + 9, row * len(names) + 4
+    x, y, w, _ = record["box"]
+    if x + w + 4 + panel_w <= width:
+        x0 = x + w + 4
+    elif x - 4 - panel_w >= 0:
+        x0 = x - 4 - panel_w
+    else:
+        x0 = max(0, min(width - panel_w, x))
+    y0 = max(0, min(height - panel_h, y))
+    panel = out[y0:y0 + panel_h, x0:x0 + panel_w]
+    panel //= 3
+    top = max(probs, key=probs.get)
+    for k, (name, full) in enumerate(zip(names, probs, strict=True)):
+        baseline = y0 + 2 + (k + 1) * row - base - 1
+        cv2.putText(out, name, (x0 + 3, baseline), _FONT, scale, (235, 235, 235), 1, cv2.LINE_AA)
+        bx = x0 + name_w + 6
+        cv2.rectangle(out, (bx, baseline - text_h), (bx + round(probs[full] * bar_w), baseline),
+                      colour if full == top else (170, 170, 170), -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Live: one camera frame at a time, shown in a window.
+
+
+class DisplayError(RuntimeError):
+    """No window can be opened here."""
+
+
+class CameraError(RuntimeError):
+    """The camera cannot be opened or stopped delivering frames."""
+
+
+def live_frame(rgb: np.ndarray, classify: Callable[[np.ndarray], np.ndarray],
+               class_names: Sequence[str], state: tracking.TrackerState, *, detect: bool = True,
+               margin: float = 0.0, smoothing: float = tracking.DEFAULT_SMOOTHING,
+               source: dict | None = None
+               ) -> tuple[np.ndarray, list[dict], tracking.TrackerState]:
+    """The work of one live frame: detect -> classify -> track -> draw.
+
+    Returns (the frame with boxes, track ids, labels and probability bars drawn, its records, the
+    tracks after it). `classify` maps uint8 [N, 48, 48, 1] faces to [N, K] probabilities.
+    """
+    boxes, crops = inference.face_crops(rgb, detect=detect, margin=margin)
+    probs = classify(np.stack(crops)[..., None]) if crops else np.zeros((0, len(class_names)))
+    state, records = tracked_records(state, source or {}, boxes, probs, class_names,
+                                     smoothing=smoothing)
+    return draw_annotations(rgb, records, bars=True), records, state
+
+
+def live_loop(read: Callable[[], np.ndarray], step: Callable[[np.ndarray], np.ndarray],
+              show: Callable[[np.ndarray], bool]) -> int:
+    """Reads, processes and shows frames until `show` returns False (the window was closed);
+    returns the number of frames processed. `read` raises CameraError when the camera fails."""
+    shown = 0
+    while True:
+        shown += 1
+        if not show(step(read())):
+            return shown
+
+
+def display_problem() -> str | None:
+    """Why no window can open here, or None: on X11 systems, DISPLAY must be set."""
+    if sys.platform in ("darwin", "win32", "cygwin"):
+        return None
+    if not os.environ.get("DISPLAY"):
+        return "DISPLAY is not set"
+    return None
+
+
+def no_display_message(reason: str) -> str:
+    return (f"--webcam needs a display for its window, and here {reason}; use --video FILE "
+            "to classify a recorded video instead")
+
+
+def no_camera_message(camera: int, reason: str = "cannot be opened (no such camera, or in use)"
+                      ) -> str:
+    return (f"--webcam: camera {camera} {reason}; use --video FILE to classify a recorded video "
+            "instead")
+
+
+def open_camera(index: int) -> cv2.VideoCapture:
+    """cv2.VideoCapture of camera `index`; CameraError when it cannot be opened (OpenCV's own
+    warnings about the attempt are silenced)."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        capture = cv2.VideoCapture(index)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    if not capture.isOpened():
+        capture.release()
+        raise CameraError(no_camera_message(index))
+    capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # show the newest frame, not a queue of old ones
+    return capture
+
+
+class Window:
+    """A Tk window that shows RGB frames; q, Esc or the window's close button close it.
+
+    Tk is Python's own GUI toolkit (the OpenCV wheel here is headless, without cv2.imshow); Pillow's
+    ImageTk turns each frame into a Tk image. Raises DisplayError when Tk cannot open a window.
+    """
+
+    def __init__(self, title: str):
+        try:
+            import tkinter
+
+            from PIL import ImageTk
+        except ImportError as e:
+            raise DisplayError(no_display_message(
+                f"tkinter cannot be imported ({e}; on Debian: apt install python3-tk)")) from e
+        try:
+            self._root = tkinter.Tk()
+        except tkinter.TclError as e:
+            raise DisplayError(no_display_message(f"Tk cannot open a window ({e})")) from e
+        self._image_tk = ImageTk
+        self._root.title(title)
+        self._label = tkinter.Label(self._root)
+        self._label.pack()
+        self._root.protocol("WM_DELETE_WINDOW", self.close)
+        self._root.bind("<Key>", self._key)
+        self.open = True
+
+    def _key(self, event: Any) -> None:
+        if event.keysym in ("q", "Q", "Escape"):
+            self.close()
+
+    def show(self, rgb: np.ndarray) -> bool:
+        """Shows one frame and handles pending events; False once the window is closed."""
+        if self.open:
+            photo = self._image_tk.PhotoImage(Image.fromarray(rgb))
+            self._label.configure(image=photo)
+            self._label.image = photo  # Tk keeps no reference of its own
+            self._root.update()
+        return self.open
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self._root.destroy()
+
+
+def run_webcam(camera: int, load: Callable[[], Any], *, detect: bool = True, margin: float = 0.0,
+               tta: bool = False, smoothing: float = tracking.DEFAULT_SMOOTHING) -> int:
+    """`--webcam`: camera `camera` live in a window until it is closed; returns frames shown.
+
+    Checks the display and opens the camera before `load` (the model) so that a missing one is
+    reported at once. Raises DisplayError or CameraError, with the one-line message.
+    """
+    problem = display_problem()
+    if problem:
+        raise DisplayError(no_display_message(problem))
+    capture = open_camera(camera)
+    try:
+        loaded = load()
+        classify = loaded.classifier(tta=tta, batch_size=LIVE_BATCH)
+        window = Window(f"fermsca: camera {camera} (q or Esc to quit)")
+        state = tracking.TrackerState()
+
+        def read() -> np.ndarray:
+            ok, frame = capture.read()
+            if not ok:
+                raise CameraError(no_camera_message(camera, "stopped delivering frames"))
+            return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+        def step(rgb: np.ndarray) -> np.ndarray:
+            nonlocal state
+            drawn, _, state = live_frame(rgb, classify, loaded.class_names, state, detect=detect,
+                                         margin=margin, smoothing=smoothing)
+            return drawn
+
+        try:
+            return live_loop(read, step, window.show)
+        finally:
+            window.close()
+    finally:
+        capture.release()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -367,6 +690,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="a video file to sample frames from (repeatable)")
     p.add_argument("--every_n_frames", type=int, default=1,
                    help="video: classify frames 0, n, 2n, ... (default 1)")
+    p.add_argument("--annotate-video", dest="annotate_video", action="append", default=[],
+                   metavar="OUT.mp4",
+                   help="write the --video FILE with boxes, track ids, labels and probability "
+                        "bars drawn (mp4v, same frame rate and size); one per --video, in order")
+    p.add_argument("--smoothing", type=float, default=tracking.DEFAULT_SMOOTHING,
+                   help="video and webcam: weight of the newest frame in each face's moving "
+                        f"average of probabilities, in (0, 1]; 1 turns smoothing off (default "
+                        f"{tracking.DEFAULT_SMOOTHING:g}: a change shows 90%% after 7 frames)")
+    p.add_argument("--webcam", nargs="?", type=int, const=0, default=None, metavar="N",
+                   help="classify camera N (default 0) live in a window; q or Esc quits")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="treat each image as an already-cropped face (its centred square)")
     p.add_argument("--margin", type=float, default=0.0,
@@ -384,19 +717,57 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    hostenv.enable_compilation_cache(hostenv.default_compilation_cache())
-    if not args.paths and not args.video:
-        _parser().error("give at least one PATH or --video FILE")
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.webcam is not None:
+        if args.paths or args.video or args.annotate or args.annotate_video:
+            parser.error("--webcam runs alone: give it without PATH, --video, --annotate or "
+                         "--annotate-video")
+        if args.webcam < 0:
+            parser.error(f"--webcam N: N is a camera index >= 0, got {args.webcam}")
+    elif not args.paths and not args.video:
+        parser.error("give at least one PATH or --video FILE, or --webcam")
     if args.every_n_frames < 1 or args.margin < 0 or args.batch_size < 1:
-        _parser().error("--every_n_frames and --batch_size must be >= 1, --margin >= 0")
+        parser.error("--every_n_frames and --batch_size must be >= 1, --margin >= 0")
+    if args.annotate_video and len(args.annotate_video) != len(args.video):
+        parser.error(f"give one --annotate-video OUT.mp4 per --video FILE, in the same order "
+                     f"({len(args.annotate_video)} for {len(args.video)})")
+    if not 0 < args.smoothing <= 1:
+        parser.error(f"--smoothing must be in (0, 1], got {args.smoothing:g}")
+
+
+def _webcam(args: argparse.Namespace) -> int:
+    def load() -> inference.LoadedModel:
+        if args.detect:
+            faces.cascade_path()
+        return inference.load(args.checkpoint)
+
+    try:
+        shown = run_webcam(args.webcam, load, detect=args.detect, margin=args.margin,
+                           tta=args.tta, smoothing=args.smoothing)
+    except (DisplayError, CameraError, *cli.anticipated_errors()) as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(cli.one_line(e), file=sys.stderr)
+        return cli.EXIT_ERROR
+    except KeyboardInterrupt:
+        return 0
+    print(f"camera {args.webcam}: {shown} frame(s) shown", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    hostenv.enable_compilation_cache(hostenv.default_compilation_cache())
     if not os.path.exists(args.checkpoint):
         what = ("the released FER+ weights are not in this copy"
                 if args.checkpoint == DEFAULT_CHECKPOINT else "no such directory")
         print(f"error: checkpoint {args.checkpoint}: {what}; pass --checkpoint DIR (a training "
               "workdir or checkpoint folder)", file=sys.stderr)
         return 2
+    if args.webcam is not None:
+        return _webcam(args)
     try:
         if args.detect:
             faces.cascade_path()
@@ -415,11 +786,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor = Predictor(classifier, loaded.class_names, emit, detect=args.detect,
                           margin=args.margin, annotate_dir=args.annotate,
                           max_megapixels=args.max_megapixels, max_file_mb=args.max_file_mb,
-                          batch_size=classifier.batch_size)
+                          batch_size=classifier.batch_size, smoothing=args.smoothing)
     for path, name in find_images(args.paths):
         predictor.image(path, name)
-    for path in args.video:
-        predictor.video(path, args.every_n_frames)
+    for i, path in enumerate(args.video):
+        out = args.annotate_video[i] if args.annotate_video else None
+        predictor.video(path, args.every_n_frames, annotate_video=out)
     s = predictor.close()
     print(f"{s.images} image(s)/frame(s): {s.faces} face(s), {s.no_face} without a face, "
           f"{s.errors} error(s)", file=sys.stderr)
