@@ -51,6 +51,12 @@ def repeated_config_flags(argv: list[str]) -> list[str]:
 
 
 def _train(argv) -> int:
+    from fermsca import config_schema
+
+    # The config's own errors first, before TensorFlow is imported and any data is built; the
+    # device-dependent checks (batch sizes against the mesh) run again in train.train_and_evaluate.
+    config_schema.validate(FLAGS.config)
+
     import jax
 
     cache = hostenv.enable_compilation_cache(FLAGS.compilation_cache)
