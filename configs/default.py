@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0  # beyond the paper: train on (1 - a) * target + a / K
     # Beyond the paper: weight each example's loss by (N / (K n_class)) ** p; 0 off, 1 inverse frequency.
     c.class_weighting = 0.0
+    # Beyond the paper: > 0 keeps an exponential moving average of the weights and BatchNorm statistics
+    # (ema <- d * ema + (1 - d) * new after each step), which evaluation, checkpoint selection and
+    # inference use; 0 off. E.g. 0.999.
+    c.ema_decay = 0.0
 
     c.optimizer = ml_collections.ConfigDict()
     # table1 (Table 1, scaled to num_epochs) | constant (Table 2) | warmup_cosine (beyond the paper)
@@ -70,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_epochs = 8
     c.batch_size = 64  # global, over all devices and processes
     c.eval_batch_size = 256
+    # Speed only (same steps, batches and results): K train steps per compiled call (a lax.scan), so
+    # the host dispatches once per K steps; worth it where a step is short (a GPU). 1: one at a time.
+    c.steps_per_dispatch = 1
 
     c.log_every_steps = 20
     c.checkpoint_every_epochs = 1

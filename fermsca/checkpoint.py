@@ -215,7 +215,8 @@ def _steps_in(directory: str) -> list[int]:
 
 
 def load_checkpoint(path: str) -> tuple[dict, dict]:
-    """Reads a checkpoint for inference: ({'params', 'batch_stats'} as NumPy, meta dict).
+    """Reads a checkpoint for inference: ({'params', 'batch_stats'} as NumPy, meta dict); of a run
+    with `config.ema_decay` > 0, its exponential moving average (the state's `ema`).
 
     `meta["config"]` is the run's config as a JSON string and `meta["class_names"]` the label names.
     """
@@ -241,7 +242,9 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{step_dir}/state: corrupt or unreadable checkpoint "
                               f"({brief(e)})") from e
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    # A run trained with config.ema_decay > 0 keeps the weight average that it evaluated with.
+    weights = state["ema"] if state.get("ema") else state
+    variables = {"params": weights["params"], "batch_stats": weights.get("batch_stats", {})}
     return jax.tree.map(np.asarray, variables), meta
 
 

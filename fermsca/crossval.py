@@ -396,6 +396,12 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
         raise cli.ConfigError("config.dataset.train_subset is not supported by cross-validation")
     if config.class_weighting:
         raise cli.ConfigError("config.class_weighting is not supported by cross-validation")
+    if config.ema_decay:
+        raise cli.ConfigError("config.ema_decay is not supported by cross-validation (the folds' "
+                              "states keep no weight average); set it to 0")
+    if config.steps_per_dispatch != 1:
+        log.warning("config.steps_per_dispatch=%d: cross-validation runs one vmapped step per "
+                    "dispatch", config.steps_per_dispatch)
     configs = [fold_config(config, k) for k in folds]
     names = [repeat_name(config, k) for k in folds]
     data = [load(c.dataset, ("train", "validation", "test")) for c in configs]

@@ -5,6 +5,21 @@ over a 1-D device `Mesh` ("data"), the batch is sharded along it with `NamedShar
 replicated, so BatchNorm statistics and gradients are over the global batch. Each process feeds its
 own slice of the global batch (`jax.make_array_from_process_local_data`). What a run records about
 itself (results.json, figures, versions, host) is `run_record`'s.
+
+Steps per dispatch. With `config.steps_per_dispatch` K > 1 the loop stacks K batches into one array
+[K, B, ...] (one host-to-device transfer) and runs K train steps in one compiled call (`train_steps`,
+a `jax.lax.scan` of `train_step`), so a fast accelerator is not held back by dispatching every step
+from the host. The steps are the same: same batches, keys, schedule and per-step metrics. Epoch
+ends, `checkpoint_every_steps` and the end of the run fall between dispatches: where fewer than K
+steps are left before one, they run one at a time (`dispatch_sizes`), so a run compiles the scan
+and the single step, and never pads or wastes a step. Logging and the non-finite check read the
+per-step metrics (`_StepMetrics`); pre-emption is honoured between dispatches.
+
+Weight averaging (beyond the paper). With `config.ema_decay` d > 0 the state is an `EMATrainState`
+whose `ema` holds an exponential moving average of the parameters and of the BatchNorm statistics,
+ema <- d * ema + (1 - d) * new after every step (`optax.incremental_update`), started at the initial
+weights, without bias correction. Evaluation, the best checkpoint's selection and inference use it
+(`model_variables`, `checkpoint.load_checkpoint`).
 """
 
 
@@ -54,6 +69,13 @@ class TrainState:
 
 
 @flax.struct.dataclass
+class EMATrainState(TrainState):
+    """A TrainState that also keeps `ema`: {"params", "batch_stats"} averaged over the steps."""
+
+    ema: Any
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
     accuracy: metrics.Accuracy
@@ -71,12 +93,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_size: int = 48) -> TrainState:
+                       image_size: int = 48, ema: bool = False) -> TrainState:
+    """The initial state; with `ema` an `EMATrainState` whose average starts at the initial weights."""
     variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32),
                            train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    if not ema:
+        return state
+    return EMATrainState(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                         opt_state=state.opt_state,
+                         ema=jax.tree.map(jnp.copy, model_variables(state)))
+
+
+def model_variables(state: TrainState) -> dict:
+    """The weights that evaluation and inference use: the EMA where the state keeps one."""
+    ema = getattr(state, "ema", None)
+    return ema if ema is not None else {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -87,7 +121,8 @@ def _all_finite(tree: Any) -> jax.Array:
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
                augment_config: Any, label_smoothing: float = 0.0,
-               class_weights: jax.Array | None = None) -> tuple[TrainState, TrainMetrics]:
+               class_weights: jax.Array | None = None,
+               ema_decay: float = 0.0) -> tuple[TrainState, TrainMetrics]:
     """One optimisation step on a global batch {"image": uint8 [B,48,48,1], "target": [B,K]}.
 
     Augmentation runs on device with a key derived from (rng, step). A step whose loss or gradients
@@ -96,7 +131,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     Beyond the paper: `label_smoothing` a trains on (1 - a) * target + a / K,
     `augment_config.mixup_alpha` > 0 mixes examples (`augment.mixup`), and `class_weights` [K]
     weight each example's loss by its target distribution's class weight (`losses.class_weights`).
-    The metrics keep the targets' classes.
+    The metrics keep the targets' classes. With `ema_decay` d > 0 (an `EMATrainState`) the average
+    moves to d * ema + (1 - d) * (new params and BatchNorm statistics).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     aug_rng, dropout_rng = jax.random.split(step_rng)
@@ -120,8 +156,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & _all_finite(grads)
-    new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    if ema_decay:
+        new_state = new_state.replace(ema=optax.incremental_update(
+            {"params": params, "batch_stats": batch_stats}, state.ema, 1.0 - ema_decay))
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     labels = jnp.argmax(targets, axis=-1).astype(jnp.int32)
     step_metrics = TrainMetrics.single_from_model_output(
@@ -130,12 +169,34 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return new_state, step_metrics
 
 
+def train_steps(state: TrainState, batches: dict[str, jax.Array], rng: jax.Array, *,
+                step: Callable) -> tuple[TrainState, TrainMetrics]:
+    """`step` (`train_step` with its keywords bound) over batches stacked on a leading axis
+    [K, B, ...], in one `jax.lax.scan`: the state after the K steps and each step's metrics [K]."""
+    return jax.lax.scan(lambda s, batch: step(s, batch, rng), state, batches)
+
+
+def dispatch_sizes(start: int, stop: int, steps_per_epoch: int, steps_per_dispatch: int,
+                   checkpoint_every_steps: int = 0) -> Iterator[int]:
+    """Steps of each dispatch from step `start` to `stop`: `steps_per_dispatch` at a time, and one
+    at a time where fewer are left before an epoch end, a multiple of `checkpoint_every_steps` or
+    `stop`, so that each of those falls between two dispatches."""
+    step = start
+    while step < stop:
+        boundary = min(stop, (step // steps_per_epoch + 1) * steps_per_epoch)
+        if checkpoint_every_steps:
+            boundary = min(boundary, (step // checkpoint_every_steps + 1) * checkpoint_every_steps)
+        size = steps_per_dispatch if boundary - step >= steps_per_dispatch else 1
+        yield size
+        step += size
+
+
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
               loss_fn: Callable, num_classes: int) -> tuple[EvalMetrics, jax.Array]:
-    """Metrics and a [K, K] confusion matrix (true, predicted) over the unmasked examples."""
+    """Metrics and a [K, K] confusion matrix (true, predicted) over the unmasked examples, of the
+    state's `model_variables` (its EMA where it keeps one)."""
     images = augment.preprocess(batch["image"])
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
-                         train=False)
+    logits = model.apply(model_variables(state), images, train=False)
     mask = batch["mask"]
     labels = jnp.argmax(batch["target"], axis=-1).astype(jnp.int32)
     preds = jnp.argmax(logits, axis=-1)
@@ -159,7 +220,10 @@ def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 class Trainer:
     """Compiled steps for one model/config over a mesh. `model` (default: FERNet from config.model
     on this machine's fast building blocks, `perf.building_blocks`) and `donate` (the train step
-    reuses the state's buffers) are for benchmarks; `class_weights` [K] weight the training loss."""
+    reuses the state's buffers) are for benchmarks; `class_weights` [K] weight the training loss.
+
+    `train_step` is one step; `train_steps` runs `config.steps_per_dispatch` steps in one call
+    (`train_chunk`). With `config.ema_decay` > 0 the state keeps an EMA of the weights."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
                  mesh: jax.sharding.Mesh, *, model: nn.Module | None = None, donate: bool = True,
@@ -176,17 +240,23 @@ class Trainer:
         self.loss_fn = losses.get(config.loss)
         self.replicated = NamedSharding(mesh, P())
         self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        self.chunk_sharding = NamedSharding(mesh, P(None, DATA_AXIS))  # [K, B, ...]: B over devices
         self.rng = jax.random.key(config.seed)
 
-        init = functools.partial(create_train_state, model=self.model, tx=self.tx)
+        init = functools.partial(create_train_state, model=self.model, tx=self.tx,
+                                 ema=bool(config.ema_decay))
         self._init = jax.jit(init, out_shardings=self.replicated)
+        step = functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
+                                 augment_config=config.augment, label_smoothing=config.label_smoothing,
+                                 class_weights=class_weights, ema_decay=config.ema_decay)
+        donate_argnums = (0,) if donate else ()
         self.train_step = jax.jit(
-            functools.partial(train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
-                              augment_config=config.augment, label_smoothing=config.label_smoothing,
-                              class_weights=class_weights),
-            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=(0,) if donate else ())
+            step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=donate_argnums)
+        self.train_steps = jax.jit(
+            functools.partial(train_steps, step=step),
+            in_shardings=(self.replicated, self.chunk_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=donate_argnums)
         self.eval_step = jax.jit(
             functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn,
                               num_classes=num_classes),
@@ -209,6 +279,12 @@ class Trainer:
     def train(self, state: TrainState, batch: dict[str, np.ndarray]):
         return self.train_step(state, global_batch(batch, self.batch_sharding),
                                jax.random.fold_in(self.rng, 2))
+
+    def train_chunk(self, state: TrainState, batches: list[dict[str, np.ndarray]]):
+        """`len(batches)` steps in one call (`train_steps`): the state and per-step metrics [K]."""
+        stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        return self.train_steps(state, global_batch(stacked, self.chunk_sharding),
+                                jax.random.fold_in(self.rng, 2))
 
     def evaluate(self, state: TrainState, split: Any, batch_size: int) -> dict:
         """Loss, accuracy and confusion matrix over every example of `split` exactly once."""
@@ -248,6 +324,27 @@ class _ThroughputTimer:
 
     def images_per_second(self) -> float | None:
         return self.images / self.seconds if self.seconds else None
+
+
+class _StepMetrics:
+    """The train metrics of a run of steps, left on the device until they are read.
+
+    `add` takes a step's `TrainMetrics` (index None) or step `index` of a dispatch's stacked
+    metrics [K]; `compute` fetches them and merges them in step order, as the merges on the device
+    of one step at a time would (float32 sums, then the means on the device)."""
+
+    def __init__(self):
+        self._steps: list[tuple[TrainMetrics, int | None]] = []
+
+    def add(self, step_metrics: TrainMetrics, index: int | None = None) -> None:
+        self._steps.append((step_metrics, index))
+
+    def compute(self) -> dict[str, float]:
+        fetched = jax.device_get([m for m, _ in self._steps])
+        rows = [m if i is None else jax.tree.map(lambda x, i=i: x[i], m)
+                for m, (_, i) in zip(fetched, self._steps, strict=True)]
+        merged = functools.reduce(lambda a, b: a.merge(b), rows)
+        return {k: float(v) for k, v in jax.tree.map(jnp.asarray, merged).compute().items()}
 
 
 class _Preemption:
@@ -348,38 +445,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      jax.devices()[0].device_kind, jax.process_count())
 
         status = "completed"
-        train_metrics = epoch_metrics = None
-        # Training throughput over the steps after the first (compilation), evaluation excluded.
+        train_metrics, epoch_metrics = _StepMetrics(), _StepMetrics()
+        # Training throughput over the dispatches after each function's first (compilation),
+        # evaluation excluded.
         timer = _ThroughputTimer()
+        compiled: set[int] = set()
+        step = start_step
         with _Preemption() as preemption:
-            for step in range(start_step, num_steps):
-                if step == start_step + 1:
-                    timer.start(state)
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, m = trainer.train(state, next(train_iter))
-                train_metrics = m if train_metrics is None else train_metrics.merge(m)
-                epoch_metrics = m if epoch_metrics is None else epoch_metrics.merge(m)
-                timer.count(config.batch_size)
-                progress(step + 1)
-                done = step + 1 == num_steps
-                end_of_epoch = (step + 1) % steps_per_epoch == 0 or done
-                if (step + 1) % config.log_every_steps == 0 or end_of_epoch:
-                    computed = train_metrics.compute()
-                    _check_finite(computed, step + 1, ckpts)
-                    writer.write_scalars(step + 1, {
-                        "train_loss": computed["loss"], "train_accuracy": computed["accuracy"],
-                        "learning_rate": float(trainer.schedule(step))})
-                    train_metrics = None
-                if end_of_epoch:
+            for size in dispatch_sizes(start_step, num_steps, steps_per_epoch,
+                                       config.steps_per_dispatch, config.checkpoint_every_steps):
+                first_call = size not in compiled
+                if first_call:
                     timer.pause(state)
-                    epoch = (step + 1) / steps_per_epoch
-                    train_epoch = {k: float(v) for k, v in epoch_metrics.compute().items()}
-                    epoch_metrics = None
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    if size == 1:
+                        state, m = trainer.train(state, next(train_iter))
+                    else:
+                        state, m = trainer.train_chunk(state, [next(train_iter) for _ in range(size)])
+                if first_call:
+                    compiled.add(size)
+                    timer.start(state)
+                else:
+                    timer.count(size * config.batch_size)
+                for i in range(size):
+                    train_metrics.add(m, None if size == 1 else i)
+                    epoch_metrics.add(m, None if size == 1 else i)
+                    step += 1
+                    progress(step)
+                    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0 or \
+                            step == num_steps:
+                        computed = train_metrics.compute()
+                        _check_finite(computed, step, ckpts)
+                        writer.write_scalars(step, {
+                            "train_loss": computed["loss"], "train_accuracy": computed["accuracy"],
+                            "learning_rate": float(trainer.schedule(step - 1))})
+                        train_metrics = _StepMetrics()
+                # `dispatch_sizes` ends a dispatch at every epoch end and checkpoint step.
+                done = step == num_steps
+                if step % steps_per_epoch == 0 or done:
+                    timer.pause(state)
+                    epoch = step / steps_per_epoch
+                    train_epoch = epoch_metrics.compute()
+                    epoch_metrics = _StepMetrics()
                     val = trainer.evaluate(state, data.splits["validation"], config.eval_batch_size)
-                    writer.write_scalars(step + 1, {"validation_loss": val["loss"],
-                                                    "validation_accuracy": val["accuracy"]})
+                    writer.write_scalars(step, {"validation_loss": val["loss"],
+                                                "validation_accuracy": val["accuracy"]})
                     history.append(run_record.epoch_row(round(epoch, 4), train_epoch, val,
-                                                        float(trainer.schedule(step))))
+                                                        float(trainer.schedule(step - 1))))
                     logging.info("epoch %.2f: train loss %.4f acc %.4f | validation loss %.4f acc "
                                  "%.4f", epoch, train_epoch["loss"], train_epoch["accuracy"],
                                  val["loss"], val["accuracy"])
@@ -389,14 +501,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         logging.warning("%s", stalled)
                         if stalled not in warnings:
                             warnings.append(stalled)
-                    epoch_index = (step + 1) // steps_per_epoch
+                    epoch_index = step // steps_per_epoch
                     if done or epoch_index % config.checkpoint_every_epochs == 0:
-                        save(step + 1, epoch, val["accuracy"])
+                        save(step, epoch, val["accuracy"])
                     timer.resume()
-                elif config.checkpoint_every_steps and (step + 1) % config.checkpoint_every_steps == 0:
-                    save(step + 1, (step + 1) / steps_per_epoch, None)
+                elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+                    save(step, step / steps_per_epoch, None)
                 if not done and preemption.any_process():
-                    save(step + 1, (step + 1) / steps_per_epoch, None)
+                    save(step, step / steps_per_epoch, None)
                     status = "preempted"
                     break
         timer.pause(state)

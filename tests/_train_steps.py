@@ -1,7 +1,8 @@
 """Runs a few train steps on fixed data with however many devices JAX sees; saves the params.
 
 Used by tests/test_train.py in a subprocess with XLA_FLAGS set to simulate CPU devices:
-    python tests/_train_steps.py OUT.npz [STEPS]
+    python tests/_train_steps.py OUT.npz [STEPS] [STEPS_PER_DISPATCH]
+With STEPS_PER_DISPATCH K > 1 the steps run K at a time (`Trainer.train_chunk`), the rest one by one.
 """
 
 import sys
@@ -22,16 +23,25 @@ def tiny_config():
     return c
 
 
-def main(out: str, steps: int = 3) -> None:
+def main(out: str, steps: int = 3, steps_per_dispatch: int = 1) -> None:
     config = tiny_config()
     trainer = train.Trainer(config, num_classes=8, steps_per_epoch=100, mesh=train.make_mesh())
     state = trainer.init_state()
     rng = np.random.default_rng(0)
+    batches = []
     for _ in range(steps):
         images = rng.integers(0, 256, (config.batch_size, 48, 48, 1), dtype=np.uint8)
         labels = rng.integers(0, 8, config.batch_size)
         targets = np.eye(8, dtype=np.float32)[labels]
-        state, _ = trainer.train(state, {"image": images, "target": targets})
+        batches.append({"image": images, "target": targets})
+    done = 0
+    while done < steps:
+        if steps - done >= steps_per_dispatch > 1:
+            state, _ = trainer.train_chunk(state, batches[done:done + steps_per_dispatch])
+            done += steps_per_dispatch
+        else:
+            state, _ = trainer.train(state, batches[done])
+            done += 1
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(
         {"params": state.params, "batch_stats": state.batch_stats}))[0]
     np.savez(out, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in flat},
@@ -39,4 +49,4 @@ def main(out: str, steps: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))

@@ -51,6 +51,8 @@ def _with(**fields):
     ({"optimiser": 3}, r"unknown config field\(s\): config.optimiser"),
     ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0: must be in \[0, 1\)"),
     ({"class_weighting": -1.0}, r"config.class_weighting=-1.0: must be >= 0"),
+    ({"ema_decay": 1.0}, r"config.ema_decay=1.0: must be in \[0, 1\)"),
+    ({"steps_per_dispatch": 0}, r"config.steps_per_dispatch=0: must be >= 1"),
     ({"optimizer__schedule": "warmup_cosine", "optimizer__warmup_epochs": 8, "num_epochs": 8},
      r"config.optimizer.warmup_epochs=8: must be below config.num_epochs=8"),
 ])

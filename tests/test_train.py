@@ -149,16 +149,19 @@ def test_cli_run_writes_results_checkpoints_and_events(reference_run):
 
 @pytest.mark.slow
 def test_eight_simulated_devices_match_one(tmp_path):
-    """Same global batch over 1 and 8 devices: same parameters after 3 steps (BN over the global batch)."""
+    """Same global batch over 1 and 8 devices: same parameters after 3 steps (BN over the global batch),
+    one step per dispatch or the 3 in one (`steps_per_dispatch`)."""
     out = {}
-    for devices in (1, 8):
-        path = tmp_path / f"params{devices}.npz"
-        subprocess.run([sys.executable, "tests/_train_steps.py", str(path), "3"], cwd=REPO,
-                       env=_env(devices, fast_compile=False), check=True, capture_output=True, timeout=900)
+    for devices, per_dispatch in ((1, 1), (8, 1), (8, 3)):
+        path = tmp_path / f"params{devices}_{per_dispatch}.npz"
+        subprocess.run([sys.executable, "tests/_train_steps.py", str(path), "3", str(per_dispatch)],
+                       cwd=REPO, env=_env(devices, fast_compile=False), check=True, capture_output=True,
+                       timeout=900)
         data = dict(np.load(path))
         assert int(data.pop("__devices")) == devices
-        out[devices] = data
-    assert_same_params(out[1], out[8], rtol=2e-4, atol=2e-6)
+        out[devices, per_dispatch] = data
+    assert_same_params(out[1, 1], out[8, 1], rtol=2e-4, atol=2e-6)
+    assert_same_params(out[8, 1], out[8, 3], rtol=1e-6, atol=1e-7)  # the 3 steps as one scan
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path, data_dir):
@@ -343,3 +346,180 @@ def test_class_weights_weight_each_example_by_its_target():
     np.testing.assert_allclose(float(plain.compute()["loss"]), per_example.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(weighted.compute()["loss"]), (per_example * w[labels]).mean(),
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps per dispatch and the weight average, in this process on the linear model.
+
+EMA_DECAY = 0.9
+
+
+@pytest.fixture(scope="module")
+def dispatch_runs():
+    """Four steps of a Trainer (linear model, EMA on, flips but no affine augmentation) one at a
+    time and as one `train_chunk`: (states after each single step, their metrics, the chunk's state
+    and metrics, the initial state)."""
+    from configs import default
+    from fermsca import train
+
+    config = default.get_config()
+    config.augment.update(shift=0.0, rotation=0.0, zoom=0.0, flip=True)
+    config.ema_decay = EMA_DECAY
+    config.optimizer.schedule = "constant"
+    config.optimizer.learning_rate = 0.05
+    trainer = train.Trainer(config, num_classes=4, steps_per_epoch=100, mesh=train.make_mesh(),
+                            model=_Linear())
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
+                "target": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)]} for _ in range(4)]
+    initial = jax.device_get(trainer.init_state())
+    state, states, metrics = trainer.init_state(), [], []
+    for batch in batches:
+        state, m = trainer.train(state, batch)
+        states.append(jax.device_get(state))
+        metrics.append(m)
+    chunk_state, chunk_metrics = trainer.train_chunk(trainer.init_state(), batches)
+    return trainer, initial, states, metrics, jax.device_get(chunk_state), chunk_metrics
+
+
+def test_steps_per_dispatch_trains_exactly_as_one_step_at_a_time(dispatch_runs):
+    from fermsca import train
+
+    _, _, states, metrics, chunk_state, chunk_metrics = dispatch_runs
+    assert type(chunk_state) is train.EMATrainState and int(chunk_state.step) == 4
+    flat_one = jax.tree_util.tree_flatten_with_path(states[-1])[0]
+    flat_chunk = jax.tree_util.tree_flatten_with_path(chunk_state)[0]
+    assert [p for p, _ in flat_one] == [p for p, _ in flat_chunk]
+    # params, Adam's moments, BatchNorm statistics, the EMA and the step counter
+    for (path, a), (_, b) in zip(flat_one, flat_chunk, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert not np.allclose(states[-1].params["Dense_0"]["kernel"], states[0].params["Dense_0"]["kernel"])
+    for i, m in enumerate(metrics):  # every step's metrics
+        step_i = jax.tree.map(lambda x, i=i: x[i], chunk_metrics)
+        for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(step_i), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    window = train._StepMetrics()
+    for i in range(4):
+        window.add(chunk_metrics, i)
+    by_hand = functools.reduce(lambda a, b: a.merge(b), metrics).compute()
+    computed = window.compute()
+    for name in ("loss", "accuracy", "nonfinite"):
+        np.testing.assert_allclose(computed[name], float(by_hand[name]), rtol=1e-6)
+
+
+def test_ema_is_the_exponential_average_of_each_steps_weights(dispatch_runs):
+    """ema_0 = initial weights, ema_t = d ema_(t-1) + (1 - d) w_t, over params and BatchNorm statistics."""
+    _, initial, states, _, chunk_state, _ = dispatch_runs
+
+    def weights(s):
+        return {"params": s.params, "batch_stats": s.batch_stats}
+
+    expected = jax.tree.map(lambda x: np.asarray(x, np.float64), weights(initial))
+    for s in states:
+        expected = jax.tree.map(lambda e, w: EMA_DECAY * e + (1 - EMA_DECAY) * np.asarray(w, np.float64),
+                                expected, weights(s))
+    assert jax.tree.structure(expected) == jax.tree.structure(chunk_state.ema)
+    for e, got_one, got_chunk in zip(jax.tree.leaves(expected), jax.tree.leaves(states[-1].ema),
+                                     jax.tree.leaves(chunk_state.ema), strict=True):
+        np.testing.assert_allclose(got_one, e, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_chunk, e, rtol=1e-5, atol=1e-6)
+    # The average lags the weights: it differs from the last step's.
+    assert not np.allclose(states[-1].ema["params"]["Dense_0"]["kernel"],
+                           states[-1].params["Dense_0"]["kernel"])
+
+
+def test_evaluation_uses_the_ema(dispatch_runs):
+    from fermsca import train
+
+    trainer, _, states, _, _, _ = dispatch_runs
+    state = states[-1]
+    rng = np.random.default_rng(1)
+    batch = {"image": rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
+             "target": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)],
+             "mask": np.ones(8, np.float32)}
+    as_plain = train.TrainState(step=state.step, params=state.ema["params"],
+                                batch_stats=state.ema["batch_stats"], opt_state=state.opt_state)
+    raw = train.TrainState(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                           opt_state=state.opt_state)
+    batch = train.global_batch(batch, trainer.batch_sharding)
+    ema_loss, plain_loss, raw_loss = (float(trainer.eval_step(trainer.place(s), batch)[0].compute()["loss"])
+                                      for s in (state, as_plain, raw))
+    assert ema_loss == plain_loss and ema_loss != raw_loss
+
+
+@pytest.mark.parametrize("start, stop, per_epoch, k, every, sizes", [
+    (0, 20, 10, 1, 0, [1] * 20),
+    (0, 20, 10, 4, 0, [4, 4, 1, 1, 4, 4, 1, 1]),  # epoch ends at 10 and 20
+    (0, 16, 8, 4, 0, [4, 4, 4, 4]),
+    (3, 12, 8, 4, 0, [4, 1, 4]),  # a resume mid-epoch
+    (0, 10, 100, 4, 6, [4, 1, 1, 4]),  # checkpoint_every_steps=6, stop (max_steps) at 10
+])
+def test_dispatch_sizes_end_a_dispatch_at_every_epoch_end_and_checkpoint(start, stop, per_epoch, k,
+                                                                         every, sizes):
+    from fermsca import train
+
+    got = list(train.dispatch_sizes(start, stop, per_epoch, k, every))
+    assert got == sizes and sum(got) == stop - start
+
+
+def test_ema_state_checkpoints_resume_exactly_and_inference_reads_the_ema(dispatch_runs, tmp_path):
+    from fermsca import train
+
+    trainer, _, states, _, _, _ = dispatch_runs
+    state = states[-1]
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path / "run"), asynchronous=False)
+    ckpts.save(4, trainer.place(state), {"config": trainer.config.to_json(), "class_names": list("abcd")},
+               val_accuracy=0.5)
+    restored, _ = ckpts.restore_latest(trainer.abstract_state())
+    ckpts.close()
+    assert type(restored) is train.EMATrainState
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    variables, _ = checkpoint.load_checkpoint(str(tmp_path / "run"))  # what fermsca.inference loads
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(state.ema), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A run without the average cannot resume from this one's state, and says why.
+    plain = train.TrainState(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                             opt_state=state.opt_state)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ema/params/Dense_0/kernel: in the checkpoint, "
+                                                         r"unknown to the config"):
+        checkpoint.RunCheckpoints(str(tmp_path / "run")).restore_latest(jax.eval_shape(lambda: plain))
+
+
+def test_checkpoint_without_ema_still_loads(workdir, tiny_model):
+    """A checkpoint of a run before (or without) the average: inference takes its params."""
+    from fermsca import inference
+
+    _, _, variables = tiny_model
+    loaded = inference.load(workdir)
+    for a, b in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_steps_per_dispatch_in_the_loop_trains_as_the_reference(tmp_path, data_dir, reference_run):
+    """The CLI with 3 steps per dispatch: 8 steps an epoch run as 3 + 3 + 1 + 1, and logs every 4 steps
+    fall inside a dispatch; same history, checkpoints and parameters as one step at a time. (Sharded
+    over 8 devices: test_eight_simulated_devices_match_one.)"""
+    workdir = str(tmp_path / "chunked")
+    run_main(workdir, data_dir, "--config.steps_per_dispatch=3")
+    assert_same_params(final_params(reference_run[0]), final_params(workdir), rtol=1e-6, atol=1e-7)
+    with open(os.path.join(reference_run[0], "results.json")) as f:
+        reference = json.load(f)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    assert results["steps"] == 24 and committed_steps(workdir) == [16, 24]
+    for want, got in zip(reference["history"], results["history"], strict=True):
+        assert want.keys() == got.keys() and want["epoch"] == got["epoch"]
+        for key in ("train_loss", "train_accuracy", "validation_loss", "validation_accuracy",
+                    "learning_rate"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+
+
+def test_cross_validation_refuses_the_ema(tmp_path):
+    from configs import default
+    from fermsca import cli, crossval
+
+    config = default.get_config()
+    config.ema_decay = 0.999
+    with pytest.raises(cli.ConfigError, match=r"config.ema_decay is not supported by cross-validation"):
+        crossval.train_folds(config, [0], str(tmp_path), load=lambda *a: pytest.fail("loaded data"))
