@@ -35,7 +35,7 @@ against 173 img/s); the CPU has little idle time to fill at batch 7. A GPU, idle
 gain far more (not measured).
 
 Layout of `workdir`: checkpoints/<epoch>/ (one state pytree with a leading fold axis, Orbax), one
-<fold_k | seed_k>/results.json per fold (the fields `experiments.paper.common` reads), and summary.json
+fold_k/results.json per fold (the fields `experiments.paper.common` reads), and summary.json
 with mean +- sample std over folds, pooled per-class accuracy and the confusion matrix summed over
 folds (also drawn as confusion_matrix.png). A killed study resumes from its last saved epoch.
 """
@@ -79,23 +79,21 @@ log = logging.getLogger(__name__)
 
 
 def repeat_name(config: ml_collections.ConfigDict, fold: int) -> str:
-    """'fold_k' (k-fold protocol: test fold k) or 'seed_k' (random protocol: split seed k), as the
+    """'fold_k': test fold k of either protocol (subject-independent or image-level k-fold), as the
     studies of `experiments.paper.common` name a repeat."""
-    return f"seed_{fold}" if config.dataset.protocol == "random" else f"fold_{fold}"
+    del config  # both protocols name their folds alike
+    return f"fold_{fold}"
 
 
 def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.ConfigDict:
-    """The config of repeat `fold`: `dataset.fold = fold` (k-fold) or `dataset.split_seed = fold`
-    (random protocol); everything else, the seed included, as given."""
+    """The config of fold `fold` (`dataset.fold = fold`, for either protocol); everything else, the
+    seed and the split seed included, as given."""
+    num_folds = int(config.dataset.num_folds)
+    if not 0 <= fold < num_folds:
+        raise cli.ConfigError(f"fold {fold}: config.dataset.fold must be in [0, "
+                              f"config.dataset.num_folds={num_folds})")
     out = config.copy_and_resolve_references()
-    if config.dataset.protocol == "random":
-        out.dataset.split_seed = int(fold)
-    else:
-        num_folds = int(config.dataset.num_folds)
-        if not 0 <= fold < num_folds:
-            raise cli.ConfigError(f"fold {fold}: config.dataset.fold must be in [0, "
-                                  f"config.dataset.num_folds={num_folds})")
-        out.dataset.fold = int(fold)
+    out.dataset.fold = int(fold)
     return out
 
 

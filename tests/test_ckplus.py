@@ -70,12 +70,21 @@ def test_kfold_rejects_bad_arguments():
         ckplus.kfold_indices(subjects, num_folds=3, fold=3)
 
 
-def test_random_split_is_seeded():
-    parts = ckplus.random_indices(100, test_fraction=0.1, seed=5)
-    assert [len(parts[s]) for s in ("train", "validation", "test")] == [80, 10, 10]
-    assert sorted(np.concatenate(list(parts.values()))) == list(range(100))
-    np.testing.assert_array_equal(parts["test"], ckplus.random_indices(100, 0.1, seed=5)["test"])
-    assert not np.array_equal(parts["test"], ckplus.random_indices(100, 0.1, seed=6)["test"])
+def test_random_kfold_deals_every_image_into_one_test_fold():
+    parts = [ckplus.random_indices(103, num_folds=10, fold=k, seed=5) for k in range(10)]
+    for k, part in enumerate(parts):
+        assert sorted(np.concatenate(list(part.values()))) == list(range(103))
+        assert {len(part["test"]), len(part["validation"])} <= {10, 11}
+        np.testing.assert_array_equal(part["validation"], parts[(k + 1) % 10]["test"])
+    tests = np.concatenate([p["test"] for p in parts])
+    assert sorted(tests) == list(range(103))  # each image tested exactly once
+    np.testing.assert_array_equal(parts[3]["test"], ckplus.random_indices(103, 10, 3, seed=5)["test"])
+    assert not np.array_equal(parts[3]["test"], ckplus.random_indices(103, 10, 3, seed=6)["test"])
+    assert not np.array_equal(parts[3]["test"], np.arange(30, 40))  # shuffled, not consecutive
+    with pytest.raises(ValueError, match="fold must be"):
+        ckplus.random_indices(103, 10, 10)
+    with pytest.raises(ValueError, match="cannot fill"):
+        ckplus.random_indices(5, 10, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ def test_ckplus48_kfold(ckplus48_dir, tmp_path_factory):
             builder_config="ckplus48",
             frames_per_sequence=1,
             protocol="random",
-            test_fraction=0.25,
+            num_folds=4,
         )
     )
     names = np.concatenate([p.file_names for p in last_only.splits.values()])

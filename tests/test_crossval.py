@@ -240,9 +240,12 @@ def test_fold_config_names_the_field():
     assert crossval.fold_config(config, 3).dataset.fold == 3
     with pytest.raises(ValueError, match="config.dataset.fold"):
         crossval.fold_config(config, 4)
-    config.dataset.protocol = "random"
-    assert crossval.fold_config(config, 7).dataset.split_seed == 7
-    assert crossval.repeat_name(config, 7) == "seed_7"
+    config.dataset.protocol = "random"  # image-level k-fold: the same folds, the same names
+    assert crossval.fold_config(config, 2).dataset.fold == 2
+    assert crossval.fold_config(config, 2).dataset.split_seed == config.dataset.split_seed
+    assert crossval.repeat_name(config, 2) == "fold_2"
+    with pytest.raises(ValueError, match="config.dataset.fold"):
+        crossval.fold_config(config, 4)
 
 
 def test_schedules_that_change_within_an_epoch_are_refused():

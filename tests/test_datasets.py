@@ -117,7 +117,7 @@ def _ckplus48_raw(root, rng, subjects=4):
 
 def _ck_config(manual_dir, data_dir, **fields):
     return _dataset_config(name="ckplus", builder_config="ckplus48", protocol="random",
-                           test_fraction=0.25, manual_dir=manual_dir and str(manual_dir),
+                           num_folds=4, manual_dir=manual_dir and str(manual_dir),
                            data_dir=str(data_dir), **fields)
 
 

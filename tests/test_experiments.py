@@ -91,14 +91,15 @@ def test_table2_rows_are_the_papers_rates():
     assert table2_lr.STUDY.rows[-1].overrides == {"optimizer.schedule": "table1"}
 
 
-def test_ckplus_rows_repeat_over_folds_or_split_seeds():
+def test_ckplus_rows_repeat_over_folds():
     kfold = common.Row("a", ("a",), {})
     random = common.Row("b", ("b",), {"dataset.protocol": "random"})
     assert common.repeats(kfold, "synthetic_faces", [0, 1]) == [("", {})]
     assert common.repeats(kfold, "ckplus", [0, 1]) == [("fold_0", {"dataset.fold": 0}),
                                                        ("fold_1", {"dataset.fold": 1})]
-    assert common.repeats(random, "ckplus", [2]) == [("seed_2", {"dataset.split_seed": 2})]
-    assert common.repeats(kfold, "ckplus", [0], {"dataset.protocol": "random"})[0][0] == "seed_0"
+    assert common.repeats(random, "ckplus", [2]) == [("fold_2", {"dataset.fold": 2})]
+    with pytest.raises(ValueError, match="unknown dataset.protocol"):
+        common.repeats(kfold, "ckplus", [0], {"dataset.protocol": "leaky"})
 
 
 # Study tables -----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     # The paper's CK+ setup (configs/ckplus.py: batch 7, 200 epochs, Table 1), 10 folds in one process:
     python -m experiments.paper.ckplus_cv --config configs/ckplus.py --workdir runs/ck_cv \\
         --config.dataset.manual_dir=/data/CK+48
-    python -m experiments.paper.ckplus_cv ... --folds 0-4                 # some folds (or split seeds)
+    python -m experiments.paper.ckplus_cv ... --folds 0-4                 # some folds
     # Speed: K folds vmapped against one fold's step K times over (random data, after compilation):
     python -m experiments.paper.ckplus_cv --config configs/ckplus.py --bench --folds all --bench_steps 20 \
         --bench_variants=single_xla,single_onednn,folds_xla,folds_onednn,folds_grouped
@@ -27,7 +27,7 @@ from fermsca.perf import hugepages
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/ckplus.py", "Training config file.")
 flags.DEFINE_string("workdir", None, "Directory of the study: checkpoints, per-fold results, summary.")
-flags.DEFINE_string("folds", "all", "Folds (k-fold protocol) or split seeds (random): all, 0-4, 0,3.")
+flags.DEFINE_string("folds", "all", "Test folds (either protocol): all, 0-4, 0,3.")
 flags.DEFINE_bool("bench", False, "Time the vmapped step against one fold's step instead of training.")
 flags.DEFINE_list("bench_variants", ["single_xla", "single_onednn", "folds_xla", "folds_onednn"],
                   "Benchmark variants (see `benchmark`); also folds_grouped.")

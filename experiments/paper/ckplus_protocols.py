@@ -1,12 +1,12 @@
-"""CK+ evaluation protocols: subject-independent 10-fold cross-validation against an image-level
-random split, each as mean +- std over 10 runs (folds, or split seeds).
+"""CK+ evaluation protocols: subject-independent 10-fold cross-validation against image-level random
+10-fold cross-validation, each as mean +- std over the 10 test folds.
 
     python -m experiments.paper.ckplus_protocols --manual_dir /data/ckplus            # the paper's budget
     python -m experiments.paper.ckplus_protocols --quick --manual_dir /data/ckplus    # CPU minutes
 
 CK+ is licensed and not shipped with fermsca: both commands need `--manual_dir` pointing at the CK+
 files (the CK+48 folder layout by default; see fermsca/datasets/README.md). The paper does not say
-which protocol gave its 99.32%. A random split puts frames of one sequence, often near-identical, in
+which protocol gave its 99.32%. A random split by image puts frames of one sequence, often near-identical, in
 train and test, so it measures memorisation as much as recognition.
 """
 
@@ -18,13 +18,14 @@ STUDY = common.Study(
     row_headers=("Protocol",),
     rows=(
         common.Row("kfold", ("subject-independent 10-fold",), {"dataset.protocol": "kfold"}),
-        common.Row("random", ("random image split (10% test), 10 seeds",),
+        common.Row("random", ("image-level random 10-fold",),
                    {"dataset.protocol": "random"}),
     ),
     datasets=("ckplus",),
     default_dataset={"quick": "ckplus", "full": "ckplus"},
-    note="k-fold: fold k is test, fold k+1 validation, no subject on two sides. Random: 10% test and "
-         "10% validation drawn over images with split seed k. Accuracy is mean ± sample std over "
+    note="Both: fold k is test, fold k+1 validation. Subject-independent: no subject on two sides. "
+         "Random: the images shuffled and dealt into 10 folds, so frames of one sequence fall on "
+         "both sides. Accuracy is mean ± sample std over "
          "the runs; the paper reports 0.9932 on CK+ without naming its protocol.",
 )
 

@@ -6,8 +6,8 @@ when the command is repeated), copies results.json and the PNG figures to
 
     experiments/results/<study>/<quick|full>/<dataset>-<row>/[<fold>/]
 
-and rewrites `table.md` beside them. On CK+ every row is repeated over folds (k-fold protocol) or
-split seeds (random protocol), and the table gives mean +- sample std over the repeats.
+and rewrites `table.md` beside them. On CK+ every row is repeated over the 10 test folds (either
+protocol is k-fold), and the table gives mean +- sample std over the folds.
 """
 
 from __future__ import annotations
@@ -305,15 +305,13 @@ def config_flags(overrides: Mapping[str, Any]) -> list[str]:
 
 def repeats(row: Row, dataset: str, folds: Sequence[int],
             sets: Mapping[str, Any] | None = None) -> list[tuple[str, dict]]:
-    """The runs of a row: one, or on CK+ one per fold (k-fold) or split seed (random protocol)."""
+    """The runs of a row: one, or on CK+ one per test fold (either protocol is k-fold)."""
     if dataset != "ckplus":
         return [("", {})]
     protocol = {**row.overrides, **(sets or {})}.get("dataset.protocol", "kfold")
-    if protocol == "kfold":
-        return [(f"fold_{k}", {"dataset.fold": k}) for k in folds]
-    if protocol == "random":
-        return [(f"seed_{k}", {"dataset.split_seed": k}) for k in folds]
-    raise ValueError(f"row {row.name}: unknown dataset.protocol {protocol!r}")
+    if protocol not in ("kfold", "random"):
+        raise ValueError(f"row {row.name}: unknown dataset.protocol {protocol!r}")
+    return [(f"fold_{k}", {"dataset.fold": k}) for k in folds]
 
 
 def train_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
@@ -403,7 +401,7 @@ def arg_parser(study: Study) -> argparse.ArgumentParser:
     p.add_argument("--manual_dir", help="raw dataset files (FER+, CK+): dataset.manual_dir")
     p.add_argument("--data_dir", help="TFDS data dir: dataset.data_dir")
     p.add_argument("--folds", default="all",
-                   help="CK+: folds (k-fold) or split seeds (random) to run: all, 0-4, 0,3")
+                   help="CK+: test folds to run (either protocol): all, 0-4, 0,3")
     p.add_argument("--rows", help="comma-separated row names to run (default: all): "
                                   + ", ".join(r.name for r in study.rows))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

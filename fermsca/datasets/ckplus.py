@@ -17,7 +17,8 @@ labelled sequences, and consecutive frames of one sequence are near duplicates: 
 image puts frames of the same sequence (and the same person) on both sides, so test accuracy
 measures recognition of a seen face rather than of an expression, and comes out inflated. We
 therefore default to subject-independent k-fold cross-validation (no subject in two folds) and
-keep the image-level random split only to compare with papers that used it.
+keep image-level random k-fold cross-validation (`protocol="random"`) only to compare with papers
+that used it. Both protocols take the test fold `fold` and the next fold as validation.
 """
 
 from __future__ import annotations
@@ -396,19 +397,27 @@ def kfold_indices(
     }
 
 
-def random_indices(num_examples: int, test_fraction: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Image-level random split (seeded): test and validation of `test_fraction` each.
+def random_indices(num_examples: int, num_folds: int = 10, fold: int = 0, seed: int = 0
+                   ) -> dict[str, np.ndarray]:
+    """Image-level random k-fold split: the images, shuffled with `seed`, are dealt into `num_folds`
+    folds of equal size (+-1); fold `fold` is test, fold (fold+1) % num_folds validation, as in
+    `kfold_indices`. Every image is in exactly one test fold over the k folds.
 
     Frames of one sequence land on both sides, which inflates accuracy; see the module docstring.
     """
-    if not 0 < test_fraction < 0.5:
-        raise ValueError(f"test_fraction must be in (0, 0.5), got {test_fraction}")
-    order = np.random.default_rng(seed).permutation(num_examples)
-    held = int(round(num_examples * test_fraction))
+    if num_folds < 3:
+        raise ValueError(f"num_folds must be >= 3 (test, validation and train folds), got {num_folds}")
+    if num_examples < num_folds:
+        raise ValueError(f"{num_examples} images cannot fill {num_folds} folds")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}")
+    folds = np.empty(num_examples, np.int64)
+    folds[np.random.default_rng(seed).permutation(num_examples)] = np.arange(num_examples) % num_folds
+    validation = (fold + 1) % num_folds
     return {
-        "train": np.sort(order[2 * held :]),
-        "validation": np.sort(order[held : 2 * held]),
-        "test": np.sort(order[:held]),
+        "train": np.flatnonzero((folds != fold) & (folds != validation)),
+        "validation": np.flatnonzero(folds == validation),
+        "test": np.flatnonzero(folds == fold),
     }
 
 
@@ -465,9 +474,9 @@ def load(config: ml_collections.ConfigDict, required: Sequence[str] = ()) -> Dat
 
 def protocol_indices(config: ml_collections.ConfigDict, subjects: Sequence[str]) -> dict[str, np.ndarray]:
     """{split: indices into `subjects`} by `config.protocol`: `kfold_indices` or `random_indices`."""
-    seed = int(config.split_seed)
+    folds = dict(num_folds=int(config.num_folds), fold=int(config.fold), seed=int(config.split_seed))
     if config.protocol == "kfold":
-        return kfold_indices(subjects, num_folds=int(config.num_folds), fold=int(config.fold), seed=seed)
+        return kfold_indices(subjects, **folds)
     if config.protocol == "random":
-        return random_indices(len(subjects), float(config.test_fraction), seed)
+        return random_indices(len(subjects), **folds)
     raise ValueError(f"unknown CK+ protocol {config.protocol!r}; expected 'kfold' or 'random'")
