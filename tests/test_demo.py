@@ -1,0 +1,201 @@
+"""The webcam demo end to end: a real FER+ face as a fake camera in headless Chromium, the page's box,
+crop and probabilities against `fermsca.faces` and the JAX model on the very frame the page saw.
+
+Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
+ending in a NUL byte, fd 3 in and fd 4 out), so the test needs no driver package.
+"""
+
+import base64
+import json
+import os
+import select
+import shutil
+import signal
+import threading
+import time
+
+import cv2
+import haar_margin
+import numpy as np
+import pytest
+from test_faces import iou, read_ferplus_faces
+
+from fermsca import demo, export, faces, inference
+
+CHROMIUM = "/usr/bin/chromium"
+WIDTH, HEIGHT = 640, 480
+PASTE_X, PASTE_Y, PASTE_SIDE = 224, 120, 192  # the face, upscaled 4x, in the 640x480 frame
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--remote-debugging-pipe",
+]
+PAGE_TIMEOUT_S = 90
+LARGE = (1700, 1275)  # width, height: over faces.detect_faces' max_side of 1280
+
+
+def render(face: np.ndarray, _: int = 0) -> np.ndarray:
+    frame = np.full((HEIGHT, WIDTH), 128, np.uint8)
+    up = cv2.resize(face, (PASTE_SIDE, PASTE_SIDE), interpolation=cv2.INTER_CUBIC)
+    frame[PASTE_Y:PASTE_Y + PASTE_SIDE, PASTE_X:PASTE_X + PASTE_SIDE] = up
+    return frame
+
+
+def write_y4m(path: str, gray: np.ndarray, frames: int = 5) -> None:
+    """A grey video of `frames` copies of `gray`: YUV 4:2:0 with neutral chroma."""
+    height, width = gray.shape
+    chroma = np.full((height // 2) * (width // 2), 128, np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{width} H{height} F10:1 Ip A1:1 C420jpeg\n".encode())
+        for _ in range(frames):
+            f.write(b"FRAME\n" + gray.tobytes() + chroma + chroma)
+
+
+class Chromium:
+    """Headless Chromium with a DevTools session on one page."""
+
+    def __init__(self, args: list[str], log_path: str):
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        actions = [(os.POSIX_SPAWN_DUP2, to_browser_r, 3), (os.POSIX_SPAWN_DUP2, from_browser_w, 4),
+                   (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
+        self.pid = os.posix_spawn(CHROMIUM, [CHROMIUM, *args], os.environ, file_actions=actions)
+        for fd in (to_browser_r, from_browser_w, log):
+            os.close(fd)
+        self._buffer = b""
+        self._next_id = 0
+        self._session = None
+
+    def send(self, method: str, timeout: float = 30.0, **params) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if self._session is not None:
+            message["sessionId"] = self._session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
+                raise TimeoutError(f"{method}: no reply from Chromium in {timeout} s")
+            chunk = os.read(self._from_browser, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"{method}: Chromium closed the DevTools pipe")
+            self._buffer += chunk
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self._session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.1)
+        except ChildProcessError:
+            pass
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+
+def decode(text: str, shape) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), np.uint8).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def face_frame():
+    clear = haar_margin.clear_faces(read_ferplus_faces(24), render, count=1, draws=1,
+                                    where=(PASTE_X, PASTE_Y, PASTE_SIDE, PASTE_SIDE), min_iou=0.7)
+    assert clear, "no face of the sample is found with a clear margin"
+    return render(clear[0])
+
+
+def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium")
+    if shutil.which("npm") is None and not os.path.isdir(os.path.join(demo.WEB_DIR, "node_modules")):
+        pytest.skip("npm not found (needed once for `npm ci` in web/): apt-get install nodejs npm")
+    site = demo.build_site(workdir=str(tmp_path / "work"))
+    video = str(tmp_path / "face.y4m")
+    write_y4m(video, face_frame)
+    server = demo.make_server(site, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    browser = Chromium([*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={video}",
+                        f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
+                       str(tmp_path / "chromium.log"))
+    try:
+        browser.open(demo.page_url(server))
+        deadline = time.monotonic() + PAGE_TIMEOUT_S
+        shot = None
+        while time.monotonic() < deadline:
+            state = browser.evaluate("window.__fermsca && {error: __fermsca.error, "
+                                     "shot: __fermsca.snapshot()}") or {}
+            assert not state.get("error"), f"the page failed: {state['error']}"
+            shot = state.get("shot")
+            if shot and shot["faces"] and shot["frames"] >= 2:
+                break
+            time.sleep(0.5)
+        assert shot and shot["faces"], f"no face found by the page in {PAGE_TIMEOUT_S} s: {shot}"
+        x, y, w, h = shot["faces"][0]["box"]
+        # What a person sees: the box drawn in green around the face, the bars of its probabilities.
+        pixel = browser.evaluate("Array.from(document.getElementById('view').getContext('2d')"
+                                 f".getImageData({x}, {y + h // 2}, 1, 1).data)")
+        bars = browser.evaluate("Array.from(document.querySelectorAll('#bars .value'), e => e.textContent)")
+        # A frame larger than detect_faces' max_side is searched shrunk, its boxes mapped back.
+        large = cv2.resize(decode(shot["frame"], (HEIGHT, WIDTH)), LARGE, interpolation=cv2.INTER_LINEAR)
+        found = browser.evaluate(f"__fermsca.findFaces('{base64.b64encode(large.tobytes()).decode()}', "
+                                 f"{LARGE[0]}, {LARGE[1]})")
+    finally:
+        browser.close()
+        server.shutdown()
+        server.server_close()
+
+    assert (shot["width"], shot["height"]) == (WIDTH, HEIGHT)
+    frame = decode(shot["frame"], (HEIGHT, WIDTH))
+    # The frame is the video's (Chromium converts YUV to RGB and the page back to grey).
+    assert np.corrcoef(frame.ravel(), face_frame.ravel())[0, 1] > 0.99
+
+    face = shot["faces"][0]
+    box = tuple(face["box"])
+    python_boxes = faces.detect_faces(frame)
+    assert python_boxes, "Python finds no face on the page's frame"
+    assert iou(box, python_boxes[0]) > 0.9, (box, python_boxes)
+    assert iou(box, (PASTE_X, PASTE_Y, PASTE_SIDE, PASTE_SIDE)) > 0.6, box
+
+    crop = decode(face["crop"], (faces.FACE_SIZE, faces.FACE_SIZE))
+    np.testing.assert_array_equal(crop, faces.crop_face(frame, box))
+
+    model = inference.load()
+    expected = model.classify(crop[None, :, :, None])[0]
+    browser_probs = np.asarray(face["probabilities"], np.float32)
+    np.testing.assert_allclose(browser_probs, expected, atol=export.TOLERANCE)
+    assert face["label"] == model.class_names[int(np.argmax(expected))]
+    assert face["score"] == pytest.approx(float(np.max(expected)), abs=1e-4)
+
+    assert found["boxes"], "the page finds no face in the large frame"
+    large_box = tuple(found["boxes"][0])
+    assert iou(large_box, faces.detect_faces(large)[0]) > 0.9, (large_box, faces.detect_faces(large))
+    np.testing.assert_array_equal(decode(found["crops"][0], (faces.FACE_SIZE, faces.FACE_SIZE)),
+                                  faces.crop_face(large, large_box))
+
+    assert pixel[:3] == [0x2E, 0xCC, 0x40], f"no green box edge at ({x}, {y + h // 2}): {pixel}"
+    assert bars == [f"{p:.2f}" for p in browser_probs]
