@@ -135,6 +135,9 @@ def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
     if shutil.which("npm") is None and not os.path.isdir(os.path.join(demo.WEB_DIR, "node_modules")):
         pytest.skip("npm not found (needed once for `npm ci` in web/): apt-get install nodejs npm")
     site = demo.build_site(workdir=str(tmp_path / "work"))
+    model = os.path.realpath(demo.export_model(None, str(tmp_path / "work")))  # cached: no new export
+    assert open(model, "rb").read() == open(os.path.join(site, demo.MODEL_FILE), "rb").read()
+    exported_at = os.stat(model).st_mtime_ns
     video = str(tmp_path / "face.y4m")
     write_y4m(video, face_frame)
     server = demo.make_server(site, "127.0.0.1", 0)
@@ -188,6 +191,7 @@ def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
     expected = model.classify(crop[None, :, :, None])[0]
     browser_probs = np.asarray(face["probabilities"], np.float32)
     np.testing.assert_allclose(browser_probs, expected, atol=export.TOLERANCE)
+    assert os.stat(demo.export_model(None, str(tmp_path / "work"))).st_mtime_ns == exported_at
     assert face["label"] == model.class_names[int(np.argmax(expected))]
     assert face["score"] == pytest.approx(float(np.max(expected)), abs=1e-4)
 
@@ -199,3 +203,72 @@ def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
 
     assert pixel[:3] == [0x2E, 0xCC, 0x40], f"no green box edge at ({x}, {y + h // 2}): {pixel}"
     assert bars == [f"{p:.2f}" for p in browser_probs]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line and the server, without a browser.
+
+
+def run_main(capsys, argv):
+    status = demo.main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "nowhere")
+    status, _, err = run_main(capsys, ["--checkpoint", missing, "--no-serve", "--workdir",
+                                       str(tmp_path / "work")])
+    assert status == 2
+    assert err.startswith("error: ") and missing in err and err.count("\n") == 1
+
+
+def test_bad_port_is_one_line(capsys):
+    status, _, err = run_main(capsys, ["--port", "70000", "--no-serve"])
+    assert status == 2 and err == "error: --port 70000: expected 0-65535\n"
+
+
+def test_missing_npm_names_the_fix(tmp_path, monkeypatch):
+    web = tmp_path / "web"
+    web.mkdir()
+    shutil.copy(os.path.join(demo.WEB_DIR, "package-lock.json"), web)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(demo.DemoError, match="npm not found: install Node.js and npm"):
+        demo.install_packages(str(web))
+
+
+def test_busy_port_is_a_clear_error(tmp_path):
+    server = demo.make_server(str(tmp_path), "127.0.0.1", 0)
+    try:
+        with pytest.raises(demo.DemoError, match="cannot serve on 127.0.0.1:.*--port"):
+            demo.make_server(str(tmp_path), "127.0.0.1", server.server_address[1])
+    finally:
+        server.server_close()
+
+
+def test_server_gives_modules_and_wasm_their_types(tmp_path):
+    import urllib.request
+
+    for name in ("demo.js", "ort.mjs", "ort.wasm", "settings.json"):
+        (tmp_path / name).write_bytes(b"x")
+    server = demo.make_server(str(tmp_path), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = demo.page_url(server)
+        assert url.startswith("http://localhost:")
+        types = {}
+        for name in ("demo.js", "ort.mjs", "ort.wasm", "settings.json"):
+            with urllib.request.urlopen(url + name) as response:
+                types[name] = response.headers["Content-Type"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert types == {"demo.js": "text/javascript", "ort.mjs": "text/javascript",
+                     "ort.wasm": "application/wasm", "settings.json": "application/json"}
+
+
+def test_page_settings_are_detect_faces_defaults():
+    settings = demo.page_settings(["a", "b"])
+    assert settings["detect"] == {"scale_factor": 1.1, "min_neighbors": 5, "min_size": 30, "max_side": 1280}
+    assert settings["face_size"] == faces.FACE_SIZE == 48 and settings["margin"] == 0.0
+    assert settings["class_names"] == ["a", "b"] and settings["cascade"] == faces.CASCADE_FILE
