@@ -628,7 +628,7 @@ class Window:
     def show(self, rgb: np.ndarray) -> bool:
         """Shows one frame and handles pending events; False once the window is closed."""
         if self.open:
-            photo = self._image_tk.PhotoImage(Image.fromarray(rgb))
+            photo = self._image_tk.PhotoImage(Image.fromarray(rgb), master=self._root)
             self._label.configure(image=photo)
             self._label.image = photo  # Tk keeps no reference of its own
             self._root.update()
@@ -654,6 +654,7 @@ def run_webcam(camera: int, load: Callable[[], Any], *, detect: bool = True, mar
     try:
         loaded = load()
         classify = loaded.classifier(tta=tta, batch_size=LIVE_BATCH)
+        classify(np.zeros((1, faces.FACE_SIZE, faces.FACE_SIZE, 1), np.uint8))  # compile now
         window = Window(f"fermsca: camera {camera} (q or Esc to quit)")
         state = tracking.TrackerState()
 
@@ -731,6 +732,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.annotate_video and len(args.annotate_video) != len(args.video):
         parser.error(f"give one --annotate-video OUT.mp4 per --video FILE, in the same order "
                      f"({len(args.annotate_video)} for {len(args.video)})")
+    outs = [os.path.abspath(out) for out in args.annotate_video]
+    clash = set(outs) & {os.path.abspath(v) for v in args.video}
+    if clash or len(set(outs)) < len(outs):
+        parser.error("each --annotate-video OUT.mp4 must be a file of its own: not a --video "
+                     "input, and not given twice")
     if not 0 < args.smoothing <= 1:
         parser.error(f"--smoothing must be in (0, 1], got {args.smoothing:g}")
 

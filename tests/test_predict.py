@@ -509,6 +509,9 @@ def test_webcam_without_a_display_or_a_camera_says_so_in_one_line(monkeypatch, c
     ["--webcam", "-1"],
     ["--video", "a.mp4", "--video", "b.mp4", "--annotate-video", "a_out.mp4"],
     ["--video", "a.mp4", "--smoothing", "0"],
+    ["--video", "a.mp4", "--annotate-video", "a.mp4"],
+    ["--video", "a.mp4", "--video", "b.mp4", "--annotate-video", "o.mp4", "--annotate-video",
+     "o.mp4"],
 ])
 def test_cli_refuses_inconsistent_live_and_video_flags(argv, capsys):
     with pytest.raises(SystemExit):
@@ -530,3 +533,41 @@ def test_bars_show_each_class_beside_the_box():
     colour = np.array(predict.PALETTE[1])  # track 2
     rows = np.where((panel == colour).all(axis=-1).any(axis=1))[0]
     assert len(rows) and rows.min() > 0  # one bar in the track's colour, below the first row
+
+
+@pytest.fixture
+def virtual_display(monkeypatch):
+    """DISPLAY of a fresh Xvfb server for one test (skips where Xvfb is not installed)."""
+    import shutil
+    import subprocess
+
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("Xvfb is not installed (Debian: apt install xvfb)")
+    server = subprocess.Popen([xvfb, "-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten",
+                               "tcp"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        number = server.stdout.readline().decode().strip()  # written once the server is ready
+        assert number.isdigit(), "Xvfb did not start"
+        monkeypatch.setenv("DISPLAY", f":{number}")
+        yield f":{number}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_window_shows_frames_and_closes_on_q_escape_or_the_close_button(virtual_display):
+    frame = np.full((240, 320, 3), 90, np.uint8)
+    for close in ("q", "Escape", "x", "button"):
+        window = predict.Window("test")
+        assert window.show(frame) and window.show(frame)
+        root = window._root
+        assert root.winfo_width() >= 320 and root.winfo_height() >= 240
+        if close == "button":
+            root.tk.call(root.protocol("WM_DELETE_WINDOW"))
+        else:
+            root.focus_force()
+            root.update()
+            root.event_generate("<Key>", keysym=close, when="now")
+        assert window.open == (close == "x") and window.show(frame) == (close == "x")
+        window.close()
