@@ -571,3 +571,23 @@ def test_window_shows_frames_and_closes_on_q_escape_or_the_close_button(virtual_
             root.event_generate("<Key>", keysym=close, when="now")
         assert window.open == (close == "x") and window.show(frame) == (close == "x")
         window.close()
+
+
+def test_webcam_runs_the_live_path_in_a_window_until_the_camera_stops(virtual_display, workdir,
+                                                                       face_clip, monkeypatch):
+    clip, decoded = face_clip
+    opened = []
+
+    def open_clip(index):  # the clip stands in for camera `index`
+        opened.append(index)
+        return cv2.VideoCapture(clip)
+
+    monkeypatch.setattr(predict, "open_camera", open_clip)
+    shown = []
+    show = predict.Window.show
+    monkeypatch.setattr(predict.Window, "show", lambda self, rgb: shown.append(rgb) or show(self, rgb))
+    with pytest.raises(predict.CameraError, match="camera 3 stopped delivering frames"):
+        predict.run_webcam(3, lambda: inference.load(workdir))
+    assert opened == [3] and len(shown) == CLIP_FRAMES
+    for drawn, plain in zip(shown, decoded, strict=True):  # boxes, labels and bars drawn
+        assert drawn.shape == plain.shape and np.abs(drawn.astype(int) - plain).mean() > 5
