@@ -535,25 +535,36 @@ def test_bars_show_each_class_beside_the_box():
     assert len(rows) and rows.min() > 0  # one bar in the track's colour, below the first row
 
 
-@pytest.fixture
-def virtual_display(monkeypatch):
-    """DISPLAY of a fresh Xvfb server for one test (skips where Xvfb is not installed)."""
+@pytest.fixture(scope="module")
+def xvfb():
+    """The display of an Xvfb server kept for this module's tests (skips where Xvfb is not
+    installed). One server for all: Tk keeps its display connection after a window is destroyed,
+    and Xlib ends the process when that connection's server goes away."""
     import shutil
     import subprocess
 
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
+    binary = shutil.which("Xvfb")
+    if binary is None:
         pytest.skip("Xvfb is not installed (Debian: apt install xvfb)")
-    server = subprocess.Popen([xvfb, "-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten",
-                               "tcp"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([binary, "-displayfd", "1", "-screen", "0", "640x480x24",
+                               "-nolisten", "tcp"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
     try:
         number = server.stdout.readline().decode().strip()  # written once the server is ready
         assert number.isdigit(), "Xvfb did not start"
-        monkeypatch.setenv("DISPLAY", f":{number}")
         yield f":{number}"
     finally:
+        import gc
+
+        gc.collect()  # Tk interpreters of the tests let go of the display while it is still up
         server.terminate()
         server.wait(10)
+
+
+@pytest.fixture
+def virtual_display(xvfb, monkeypatch):
+    monkeypatch.setenv("DISPLAY", xvfb)
+    return xvfb
 
 
 def test_window_shows_frames_and_closes_on_q_escape_or_the_close_button(virtual_display):
