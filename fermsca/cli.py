@@ -80,3 +80,42 @@ def raise_on_sigterm() -> Callable[[], None]:
     except ValueError:  # not the main thread
         return lambda: None
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+class Preemption:
+    """Within `with Preemption() as p:`, SIGTERM only sets `p.requested`; the training loop checks
+    it between steps, saves what it can and stops (raising an exception from the signal handler
+    could land anywhere, even in a destructor that swallows it)."""
+
+    def __init__(self, message: str = "SIGTERM received: saving a checkpoint and stopping"):
+        self.requested = False
+        self._message = message
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning(self._message)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        """Whether any process of a multi-process run got SIGTERM (all processes must stop at the
+        same step); one process: `requested`."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self.requested
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))

@@ -374,6 +374,9 @@ def _write_json(path: str, record: dict) -> None:
         json.dump(record, f, indent=2)
 
 
+RESUME = "the study resumes from its last saved epoch; rerun the same command"
+
+
 def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir: str, *,
                 load: Callable = datasets.load, steps: FoldSteps | None = None) -> dict:
     """Trains repeats `folds` of `config` together (see the module docstring), evaluates each final
@@ -419,49 +422,56 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
     abstract = abstract_folds(steps, len(folds))
     ckpts = checkpoint.RunCheckpoints(workdir, keep=config.keep_checkpoints,
                                       asynchronous=config.async_checkpoints)
+    preemption = cli.Preemption("SIGTERM received: stopping; the study resumes from its last saved "
+                                "epoch")
     try:
-        restored = ckpts.restore_latest(abstract)
-        if restored is None:
-            state, start_epoch, history = init_folds(steps, seeds), 0, {n: [] for n in names}
-        else:
-            state, meta = restored
-            if meta.get("repeats") != names:
-                raise cli.ConfigError(f"{workdir} holds a study of {meta.get('repeats')}, not {names}: "
-                                      "rerun with the same folds or use another --workdir")
-            start_epoch, history = int(meta["epoch"]), meta["history"]
-            log.info("resumed from epoch %d", start_epoch)
-        fold_steps_done = [min(start_epoch * s, t) for s, t in zip(steps_per_epoch, totals, strict=True)]
-        if list(np.asarray(state.step)) != fold_steps_done:
-            raise checkpoint.CheckpointError(f"{workdir}: checkpoint steps {np.asarray(state.step)} "
-                                             f"are not epoch {start_epoch}'s {fold_steps_done}")
-        iterators = [input_pipeline.train_iterator(d.splits["train"], global_batch_size=batch,
-                                                   seed=c.seed, start_step=done)
-                     for d, c, done in zip(data, configs, fold_steps_done, strict=True)]
-        meta_base = {"config": config.to_json(), "class_names": list(class_names), "repeats": names}
-        images = seconds = 0.0
-        for epoch in range(start_epoch, num_epochs):
-            epoch_metrics, started = None, None
-            for i in range(max(steps_per_epoch)):
-                active = np.array([i < s and epoch * s + i < t
-                                   for s, t in zip(steps_per_epoch, totals, strict=True)])
-                if not active.any():
-                    break
-                if i == 1:  # after the first step of the epoch (compilation, evaluation)
-                    jax.block_until_ready(state)
-                    started = time.perf_counter()
-                stacked = stack_batches([next(it) if a else None
-                                         for it, a in zip(iterators, active, strict=True)])
-                state, step_metrics = steps.train(state, stacked, rngs, spe, active)
-                epoch_metrics = _add(epoch_metrics, step_metrics)
-                if started is not None:
-                    images += batch * int(active.sum())
-            jax.block_until_ready(state)
-            seconds += time.perf_counter() - started if started is not None else 0.0
-            _epoch_end(epoch, state, epoch_metrics, steps, data, config, names, steps_per_epoch, totals,
-                       history)
-            if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == num_epochs:
-                ckpts.save(epoch + 1, state, {**meta_base, "epoch": epoch + 1, "history": history})
-        ckpts.wait()
+        with preemption:
+            restored = ckpts.restore_latest(abstract)
+            if restored is None:
+                state, start_epoch, history = init_folds(steps, seeds), 0, {n: [] for n in names}
+            else:
+                state, meta = restored
+                if meta.get("repeats") != names:
+                    raise cli.ConfigError(f"{workdir} holds a study of {meta.get('repeats')}, not {names}: "
+                                          "rerun with the same folds or use another --workdir")
+                start_epoch, history = int(meta["epoch"]), meta["history"]
+                log.info("resumed from epoch %d", start_epoch)
+            fold_steps_done = [min(start_epoch * s, t) for s, t in zip(steps_per_epoch, totals, strict=True)]
+            if list(np.asarray(state.step)) != fold_steps_done:
+                raise checkpoint.CheckpointError(f"{workdir}: checkpoint steps {np.asarray(state.step)} "
+                                                 f"are not epoch {start_epoch}'s {fold_steps_done}")
+            iterators = [input_pipeline.train_iterator(d.splits["train"], global_batch_size=batch,
+                                                       seed=c.seed, start_step=done)
+                         for d, c, done in zip(data, configs, fold_steps_done, strict=True)]
+            meta_base = {"config": config.to_json(), "class_names": list(class_names), "repeats": names}
+            images = seconds = 0.0
+            for epoch in range(start_epoch, num_epochs):
+                epoch_metrics, started = None, None
+                for i in range(max(steps_per_epoch)):
+                    active = np.array([i < s and epoch * s + i < t
+                                       for s, t in zip(steps_per_epoch, totals, strict=True)])
+                    if not active.any():
+                        break
+                    if i == 1:  # after the first step of the epoch (compilation, evaluation)
+                        jax.block_until_ready(state)
+                        started = time.perf_counter()
+                    stacked = stack_batches([next(it) if a else None
+                                             for it, a in zip(iterators, active, strict=True)])
+                    state, step_metrics = steps.train(state, stacked, rngs, spe, active)
+                    if preemption.requested:
+                        raise cli.Preempted(f"pre-empted (SIGTERM) in epoch {epoch + 1}: " + RESUME)
+                    epoch_metrics = _add(epoch_metrics, step_metrics)
+                    if started is not None:
+                        images += batch * int(active.sum())
+                jax.block_until_ready(state)
+                seconds += time.perf_counter() - started if started is not None else 0.0
+                _epoch_end(epoch, state, epoch_metrics, steps, data, config, names, steps_per_epoch, totals,
+                           history)
+                if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == num_epochs:
+                    ckpts.save(epoch + 1, state, {**meta_base, "epoch": epoch + 1, "history": history})
+                if preemption.requested and epoch + 1 < num_epochs:
+                    raise cli.Preempted(f"pre-empted (SIGTERM) after epoch {epoch + 1}: " + RESUME)
+            ckpts.wait()
     finally:
         ckpts.close()
 

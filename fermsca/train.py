@@ -26,7 +26,6 @@ weights, without bias correction. Evaluation, the best checkpoint's selection an
 import functools
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from fermsca import (
     augment,
     checkpoint,
+    cli,
     config_schema,
     datasets,
     input_pipeline,
@@ -347,37 +347,6 @@ class _StepMetrics:
         return {k: float(v) for k, v in jax.tree.map(jnp.asarray, merged).compute().items()}
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.array([self.requested]))
-        return bool(np.any(flags))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, validates every epoch, checkpoints, and writes results.json and figures to `workdir`.
 
@@ -451,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         timer = _ThroughputTimer()
         compiled: set[int] = set()
         step = start_step
-        with _Preemption() as preemption:
+        with cli.Preemption() as preemption:
             for size in dispatch_sizes(start_step, num_steps, steps_per_epoch,
                                        config.steps_per_dispatch, config.checkpoint_every_steps):
                 first_call = size not in compiled

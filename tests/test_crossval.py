@@ -234,6 +234,46 @@ def test_resumes_from_the_last_epoch(study, tmp_path):
         crossval.train_folds(config, (0, 1, 3), killed, steps=steps)
 
 
+@pytest.mark.slow  # two tiny studies in subprocesses (about 60 s)
+def test_sigterm_stops_the_study_with_status_75_and_the_rerun_resumes(ckplus48_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "study"
+    cmd = [sys.executable, "-m", "experiments.paper.ckplus_cv", "--config", "configs/ckplus.py",
+           f"--workdir={workdir}", "--folds=0,1", f"--config.dataset.manual_dir={ckplus48_dir}",
+           f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.num_folds=4",
+           "--config.model.stem_width=8", "--config.model.widths=(8,)", "--config.model.use_se=False",
+           "--config.model.conv_impl=xla", "--config.num_epochs=40", "--config.async_checkpoints=False",
+           "--compilation_cache=off"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = workdir / checkpoint.LATEST_DIR / "1" / "_CHECKPOINT_METADATA"
+    deadline = time.monotonic() + 600
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    acted = time.monotonic() - sent
+    assert proc.returncode == cli.EXIT_PREEMPTED, err[-3000:]
+    assert err.splitlines()[-1].endswith(": " + crossval.RESUME), err[-3000:]
+    assert err.splitlines()[-1].startswith("pre-empted (SIGTERM) ")
+    # The study stops after the running step (well under a second here); exiting the interpreter
+    # takes the rest, seconds on a loaded machine, within a typical 30 s grace period.
+    assert acted < 30, f"took {acted:.1f} s to stop after SIGTERM"
+    assert not (workdir / "summary.json").exists()
+    rerun = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from epoch" in rerun.stderr
+    assert len(json.loads((workdir / "summary.json").read_text())["accuracy_per_fold"]) == 2
+
+
 def test_fold_config_names_the_field():
     config = default.get_config()
     config.dataset.num_folds = 4

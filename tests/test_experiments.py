@@ -102,6 +102,43 @@ def test_ckplus_rows_repeat_over_folds():
         common.repeats(kfold, "ckplus", [0], {"dataset.protocol": "leaky"})
 
 
+def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    calls = []
+
+    def fake_crossval(cmd, cwd, stdout, stderr):  # what experiments.paper.ckplus_cv leaves behind
+        calls.append(cmd)
+        workdir = Path(cmd[cmd.index("--workdir") + 1])
+        for k in (0, 3):
+            write(workdir / f"fold_{k}", fake_results(0.9 + k / 100, "ckplus"))
+        (workdir / "summary.json").write_text(json.dumps(
+            {"evaluated_split": "test", "accuracy_mean": 0.915, "accuracy_std": 0.02}))
+        (workdir / "confusion_matrix.png").write_bytes(b"png")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(common.subprocess, "run", fake_crossval)
+    args = ("t2", "quick", "ckplus-a", "configs/ckplus.py",
+            {"num_epochs": 4, "dataset.fold": 9, "model.widths": (16, 32)}, [0, 3])
+    kwargs = dict(scratch=tmp_path / "scratch", results_root=tmp_path / "results")
+    paths = common.train_folds_row(*args, **kwargs)
+    (cmd,) = calls
+    assert cmd[1:4] == ["-m", "experiments.paper.ckplus_cv", "--config"]
+    assert cmd[cmd.index("--folds") + 1] == "0,3"
+    assert "--config.model.widths=(16,32)" in cmd and not any("dataset.fold" in c for c in cmd)
+    dest = tmp_path / "results" / "t2" / "quick" / "ckplus-a"
+    assert paths == [dest / "fold_0" / "results.json", dest / "fold_3" / "results.json"]
+    assert common.load_json(paths[1])["accuracy"] == 0.93
+    assert (dest / "summary.json").is_file() and (dest / "confusion_matrix.png").is_file()
+    assert not (tmp_path / "scratch" / "t2" / "quick" / "ckplus-a").exists()  # workdir removed
+    assert "0.9150 ± 0.0200 over 2 folds" in capsys.readouterr().out
+    assert common.train_folds_row(*args, **kwargs) == paths and len(calls) == 1  # done: not rerun
+
+    monkeypatch.setattr(common.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 75))
+    with pytest.raises(common.RunError, match="pre-empted .* repeat the command to resume"):
+        common.train_folds_row(*args, **kwargs, rerun=True)
+
+
 # Study tables -----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@
 A study writes <workdir>/fold_k/results.json per fold and <workdir>/summary.json (mean +- sample std
 over folds, pooled per-class accuracy, the confusion matrix summed over folds); rerunning the same
 command resumes from the last epoch's checkpoint. The reported checkpoint is the last epoch's.
+SIGTERM stops a study within a step (exit status 75); the rerun redoes the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def _run(argv) -> int:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.raise_on_sigterm()  # until crossval.train_folds takes SIGTERM over (then: stop after the step)
     return cli.run(lambda: _run(argv))
 
 

@@ -364,6 +364,61 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
     return dest / "results.json"
 
 
+def train_folds_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
+                    folds: Sequence[int], *, scratch: Path, rerun: bool = False, keep_workdir: bool = False,
+                    dry_run: bool = False, results_root: Path = RESULTS) -> list[Path] | None:
+    """Trains the CK+ folds of one row together (`experiments.paper.ckplus_cv`, the folds vmapped in
+    one process), unless every fold's results are already there; returns their paths.
+
+    The study's workdir is `scratch/<study>/<mode>/<row_path>` (it resumes there from its last
+    epoch); when it completes, each fold's results.json goes to `results_root/.../<row_path>/fold_k/`
+    and its summary.json and summed confusion matrix beside them.
+    """
+    dest = results_root / study / mode / row_path
+    names = [f"fold_{k}" for k in folds]
+    done = [dest / n / "results.json" for n in names]
+    if all(p.is_file() for p in done) and not rerun:
+        print(f"{row_path}: already done ({dest}); --rerun to train again")
+        return done
+    workdir = scratch / study / mode / row_path
+    cmd = [sys.executable, "-m", "experiments.paper.ckplus_cv", "--config", config_file,
+           "--workdir", str(workdir), "--folds", ",".join(str(k) for k in folds),
+           *config_flags({k: v for k, v in overrides.items() if k != "dataset.fold"})]
+    print("$ " + shlex.join(cmd), flush=True)
+    if dry_run:
+        return None
+    if rerun and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir.with_name(workdir.name + ".log")
+    start = time.time()
+    with open(log_path, "a") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    elapsed = time.time() - start
+    if proc.returncode == 75:  # fermsca.cli.EXIT_PREEMPTED
+        raise RunError(f"{study}/{mode}/{row_path}: pre-empted after {elapsed:.0f} s; repeat the "
+                       f"command to resume from {workdir}. Log: {log_path}")
+    summary = workdir / "summary.json"
+    if proc.returncode or not summary.is_file():
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise RunError(f"{study}/{mode}/{row_path}: cross-validation exited with {proc.returncode} "
+                       f"after {elapsed:.0f} s; workdir {workdir}, log {log_path}:\n{tail}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in names:
+        (dest / name).mkdir()
+        shutil.copy2(workdir / name / "results.json", dest / name / "results.json")
+    for f in [summary, *sorted(workdir.glob("*.png"))]:
+        shutil.copy2(f, dest / f.name)
+    if not keep_workdir:
+        shutil.rmtree(workdir)
+    s = load_json(dest / "summary.json")
+    print(f"{row_path}: {s['evaluated_split']} accuracy {s['accuracy_mean']:.4f} ± "
+          f"{s['accuracy_std']:.4f} over {len(names)} folds in {elapsed:.0f} s -> {dest}", flush=True)
+    return done
+
+
 def parse_folds(text: str, num_folds: int) -> list[int]:
     """`all`, `3`, `0,2,5` or `0-4` -> fold indices in [0, num_folds)."""
     if text == "all":
@@ -444,6 +499,15 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
     start = time.time()
     for row in study.rows:
         if row.name not in wanted:
+            continue
+        if dataset == "ckplus":  # the row's folds trained together, vmapped
+            repeats(row, dataset, folds, sets)  # checks the protocol
+            train_folds_row(study.name, mode, f"{dataset}-{row.name}", CONFIG_FILES[dataset],
+                            {**budget, **row.overrides, **data_flags, **sets}, folds,
+                            scratch=Path(args.scratch), rerun=args.rerun,
+                            keep_workdir=args.keep_workdirs, dry_run=args.dry_run)
+            if not args.dry_run:
+                write_table(study, mode)
             continue
         for sub, extra in repeats(row, dataset, folds, sets):
             overrides = {**budget, **row.overrides, **extra, **data_flags, **sets}
