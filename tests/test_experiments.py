@@ -102,6 +102,45 @@ def test_ckplus_rows_repeat_over_folds():
         common.repeats(kfold, "ckplus", [0], {"dataset.protocol": "leaky"})
 
 
+def test_rows_repeat_over_seeds_except_on_ckplus():
+    row = common.Row("a", ("a",), {})
+    assert common.repeats(row, "ferplus", [0], seeds=[0, 1]) == [("seed_0", {"seed": 0}),
+                                                                  ("seed_1", {"seed": 1})]
+    assert common.repeats(row, "ckplus", [3], seeds=[0, 1]) == [("fold_3", {"dataset.fold": 3})]
+    assert common.parse_seeds("0-2") == [0, 1, 2] and common.parse_seeds("4,1") == [4, 1]
+    for bad in ("1,1", "-1", "a"):
+        with pytest.raises(ValueError):
+            common.parse_seeds(bad)
+
+
+def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
+    from configs import ferplus
+    from experiments.paper import recipe_levers
+    from fermsca import config_schema
+
+    study = recipe_levers.STUDY
+    assert study.rows[0].overrides == {} and study.seeds == (0, 1)
+    assert study.budget["full"]["num_epochs"] == 30 and "30 epochs" in study.note
+    levers = [r for r in study.rows[1:]]
+    assert len({r.name for r in levers}) == len(levers) == 10
+    two_fields = {"warmup_cosine": {"optimizer.schedule", "optimizer.warmup_epochs"},
+                  "wider": {"model.stem_width", "model.widths"}}
+    for row in levers:  # one lever per row
+        assert len(row.overrides) == 1 or set(row.overrides) == two_fields[row.name]
+        config = ferplus.get_config()
+        for field, value in row.overrides.items():
+            node = config
+            *path, leaf = field.split(".")
+            for name in path:
+                node = node[name]
+            node[leaf] = value
+        config_schema.validate(config)  # every lever is a valid config
+    common.main(study, ["--manual_dir", "/data/ferplus", "--dry_run", "--rows", "ema"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("--config.ema_decay=0.999" in line for line in out)
+    assert "--config.num_epochs=30" in out[0] and "--config.seed=1" in out[1]
+
+
 def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monkeypatch, capsys):
     import subprocess
 

@@ -90,6 +90,10 @@ class Study:
         default_factory=lambda: {"quick": "synthetic_faces", "full": "ferplus"})
     paper_columns: tuple[tuple[str, str], ...] = ()
     note: str = ""
+    # Over the mode's budget, e.g. a study of levers at fewer epochs than the paper's 200.
+    budget: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # Seeds every non-CK+ row is repeated over (`seed_k/`); empty: one run with the config's seed.
+    seeds: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,10 +308,11 @@ def config_flags(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def repeats(row: Row, dataset: str, folds: Sequence[int],
-            sets: Mapping[str, Any] | None = None) -> list[tuple[str, dict]]:
-    """The runs of a row: one, or on CK+ one per test fold (either protocol is k-fold)."""
+            sets: Mapping[str, Any] | None = None, seeds: Sequence[int] = ()) -> list[tuple[str, dict]]:
+    """The runs of a row: one, one per seed (`seeds`), or on CK+ one per test fold (either protocol
+    is k-fold)."""
     if dataset != "ckplus":
-        return [("", {})]
+        return [(f"seed_{k}", {"seed": k}) for k in seeds] or [("", {})]
     protocol = {**row.overrides, **(sets or {})}.get("dataset.protocol", "kfold")
     if protocol not in ("kfold", "random"):
         raise ValueError(f"row {row.name}: unknown dataset.protocol {protocol!r}")
@@ -436,6 +441,17 @@ def parse_folds(text: str, num_folds: int) -> list[int]:
     return folds
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`0,1` or `0-2` -> distinct non-negative seeds."""
+    seeds = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        seeds += range(int(lo), int(hi) + 1) if sep else [int(part)]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text}: expected distinct non-negative integers, e.g. 0,1 or 0-2")
+    return seeds
+
+
 def parse_sets(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -457,6 +473,8 @@ def arg_parser(study: Study) -> argparse.ArgumentParser:
     p.add_argument("--data_dir", help="TFDS data dir: dataset.data_dir")
     p.add_argument("--folds", default="all",
                    help="CK+: test folds to run (either protocol): all, 0-4, 0,3")
+    p.add_argument("--seeds", help="seeds to repeat every row over (not CK+): 0,1 or 0-2 (default: "
+                                   + (",".join(map(str, study.seeds)) or "the config's seed, once") + ")")
     p.add_argument("--rows", help="comma-separated row names to run (default: all): "
                                   + ", ".join(r.name for r in study.rows))
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -486,6 +504,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
         sets = parse_sets(args.set)
         num_folds = int(sets.get("dataset.num_folds", 10))
         folds = parse_folds(args.folds, num_folds)
+        seeds = parse_seeds(args.seeds) if args.seeds else list(study.seeds)
     except ValueError as e:
         parser.error(str(e))
     names = [r.name for r in study.rows]
@@ -493,7 +512,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         parser.error(f"unknown rows {unknown}; {study.name} has {names}")
-    budget = (QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset]
+    budget = {**(QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset], **study.budget.get(mode, {})}
     data_flags = {k: v for k, v in (("dataset.manual_dir", args.manual_dir),
                                     ("dataset.data_dir", args.data_dir)) if v}
     start = time.time()
@@ -509,7 +528,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
             if not args.dry_run:
                 write_table(study, mode)
             continue
-        for sub, extra in repeats(row, dataset, folds, sets):
+        for sub, extra in repeats(row, dataset, folds, sets, seeds):
             overrides = {**budget, **row.overrides, **extra, **data_flags, **sets}
             row_path = f"{dataset}-{row.name}" + (f"/{sub}" if sub else "")
             train_row(study.name, mode, row_path, CONFIG_FILES[dataset], overrides,
