@@ -25,10 +25,10 @@ record's "probabilities", "label" and "score" are its track's moving average ove
 stops the run; the exit status is 1 when any error record was written, 0 otherwise.
 
 `--annotate-video` writes the video again (mp4v, the input's frame rate and size, every frame) with
-boxes, track ids, labels and per-class probability bars; frames between sampled ones show the
-last sampled frame's faces. `--webcam` shows the same drawing live in a Tk window (tkinter and
-Pillow's ImageTk: the OpenCV wheel is headless, and Tk ships with Python) until q, Esc or the
-window is closed; it needs a display and a camera, and says so in one line when either is missing.
+boxes, track ids, labels and per-class probability bars (`fermsca.drawing`); frames between
+sampled ones show the last sampled frame's faces. `--webcam` shows the same drawing live in a
+window (`fermsca.webcam`) until q, Esc or the window is closed; it needs a display and a camera,
+and says so in one line when either is missing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fermsca import cli, faces, hostenv, inference, tracking
+from fermsca import cli, drawing, faces, hostenv, inference, tracking
 
 DEFAULT_CHECKPOINT = inference.RELEASED_FERPLUS
 MAX_MEGAPIXELS = 50.0
@@ -55,7 +55,6 @@ MAX_FILE_MB = 100.0
 MAX_PENDING_MB = 256.0  # frames kept for drawing while their faces wait for a batch
 VIDEO_FOURCC = "mp4v"
 FALLBACK_FPS = 25.0  # for --annotate-video when the input does not state its frame rate
-LIVE_BATCH = 8  # faces per model call in --webcam: a frame holds few
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff",
                               ".webp", ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".avif"})
 
@@ -421,7 +420,7 @@ class Predictor:
                                              run.fps, (width, height))
                 if not run.writer.isOpened():
                     raise OSError(f"OpenCV cannot write {VIDEO_FOURCC} video to {run.out}")
-            drawn = draw_annotations(rgb, records, bars=True)
+            drawn = drawing.draw_annotations(rgb, records, bars=True)
             run.writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         except Exception as e:  # noqa: BLE001 - the records go on; the video is reported once
             run.failed = True
@@ -432,7 +431,7 @@ class Predictor:
     def _annotate(self, item: _Item, records: list[dict]) -> None:
         path = self._annotation_path(item.annotate_name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        drawn = draw_annotations(item.image, records, bars=item.video is not None)
+        drawn = drawing.draw_annotations(item.image, records, bars=item.video is not None)
         if not cv2.imwrite(path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
             raise OSError(f"{path}: OpenCV could not write the annotated image")
 
@@ -454,246 +453,7 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Drawing: boxes, labels, track ids and per-class probability bars.
-
-# RGB colours of tracks 1, 2, ... (faces without a track are drawn in the first).
-PALETTE = ((0, 255, 0), (255, 160, 0), (0, 200, 255), (255, 80, 200), (255, 255, 0),
-           (170, 130, 255))
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-
-
-def draw_annotations(rgb: np.ndarray, records: Sequence[dict], *, bars: bool = False) -> np.ndarray:
-    """A copy of an RGB image with each face record's box, label and score drawn on it, its track
-    id ("#3") when it has one, and with `bars` a panel of its per-class probabilities."""
-    out = np.ascontiguousarray(rgb).copy()
-    thickness = max(1, round(min(out.shape[:2]) / 250))
-    font_scale = max(0.4, thickness * 0.5)
-    faces_ = [r for r in records if "box" in r]
-    colours = [PALETTE[(r.get("track", 1) - 1) % len(PALETTE)] for r in faces_]
-    taken = []  # face boxes, labels and panels: what a panel should not cover
-    for record, colour in zip(faces_, colours, strict=True):
-        x, y, w, h = record["box"]
-        cv2.rectangle(out, (x, y), (x + w, y + h), colour, thickness)
-        text = f"{record['label']} {record['score']:.2f}"
-        if "track" in record:
-            text = f"#{record['track']} {text}"
-        (tw, th), base = cv2.getTextSize(text, _FONT, font_scale, thickness)
-        top = y - th - base - 2 if y - th - base - 2 >= 0 else y + h
-        left = max(0, min(x, out.shape[1] - tw - 2))  # inside the image where it fits
-        cv2.rectangle(out, (left, top), (left + tw + 2, top + th + base + 2), colour, -1)
-        cv2.putText(out, text, (left + 1, top + th + 1), _FONT, font_scale, (0, 0, 0), thickness,
-                    cv2.LINE_AA)
-        taken += [_rect(record["box"]), (left, top, left + tw + 2, top + th + base + 2)]
-    if bars:
-        for record, colour in zip(faces_, colours, strict=True):
-            taken.append(_draw_bars(out, record, colour, taken))
-    return out
-
-
-def _rect(box: Sequence[int]) -> tuple[int, int, int, int]:
-    x, y, w, h = box
-    return x, y, x + w, y + h
-
-
-def _overlap(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Pixels shared by two rectangles (x0, y0, x1, y1)."""
-    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-
-
-def _draw_bars(out: np.ndarray, record: dict, colour: tuple[int, int, int],
-               taken: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
-    """One row per class (name, bar as long as its probability) beside the face box; the top
-    class's bar in the track's colour, the others grey, on a darkened panel. The panel goes right
-    of the box, left, below or above: of the places inside the image, the one that covers the
-    least of `taken` (boxes, labels, panels), the first on a tie. Returns (x0, y0, x1, y1)."""
-    height, width = out.shape[:2]
-    scale = max(0.35, min(height, width) / 1200)
-    probs = record["probabilities"]
-    names = [n[:9] for n in probs]
-    (name_w, text_h), base = max((cv2.getTextSize(n, _FONT, scale, 1) for n in names),
-                                 key=lambda size: size[0][0])
-    row = text_h + base + 3
-    bar_w = 5 * row
-    panel_w, panel_h = name_w + bar_w + 9, row * len(names) + 4
-    x, y, w, h = record["box"]
-    places = [(x + w + 4, y), (x - 4 - panel_w, y), (x, y + h + 4), (x, y - 4 - panel_h)]
-    inside = [(px, py) for px, py in places
-              if px >= 0 and py >= 0 and px + panel_w <= width and py + panel_h <= height]
-    if inside:
-        x0, y0 = min(inside, key=lambda p: sum(
-            _overlap((p[0], p[1], p[0] + panel_w, p[1] + panel_h), r) for r in taken))
-    else:  # a panel larger than the free space: keep it in the image as far as it goes
-        x0, y0 = max(0, min(width - panel_w, x)), max(0, min(height - panel_h, y))
-    panel = out[y0:y0 + panel_h, x0:x0 + panel_w]
-    panel //= 3
-    top = max(probs, key=probs.get)
-    for k, (name, full) in enumerate(zip(names, probs, strict=True)):
-        baseline = y0 + 2 + (k + 1) * row - base - 1
-        cv2.putText(out, name, (x0 + 3, baseline), _FONT, scale, (235, 235, 235), 1, cv2.LINE_AA)
-        bx = x0 + name_w + 6
-        cv2.rectangle(out, (bx, baseline - text_h), (bx + round(probs[full] * bar_w), baseline),
-                      colour if full == top else (170, 170, 170), -1)
-    return x0, y0, x0 + panel_w, y0 + panel_h
-
-
-# ----------------------------------------------------------------------------------------------
-# Live: one camera frame at a time, shown in a window.
-
-
-class DisplayError(RuntimeError):
-    """No window can be opened here."""
-
-
-class CameraError(RuntimeError):
-    """The camera cannot be opened or stopped delivering frames."""
-
-
-def live_frame(rgb: np.ndarray, classify: Callable[[np.ndarray], np.ndarray],
-               class_names: Sequence[str], state: tracking.TrackerState, *, detect: bool = True,
-               margin: float = 0.0, smoothing: float = tracking.DEFAULT_SMOOTHING,
-               source: dict | None = None
-               ) -> tuple[np.ndarray, list[dict], tracking.TrackerState]:
-    """The work of one live frame: detect -> classify -> track -> draw.
-
-    Returns (the frame with boxes, track ids, labels and probability bars drawn, its records, the
-    tracks after it). `classify` maps uint8 [N, 48, 48, 1] faces to [N, K] probabilities.
-    """
-    boxes, crops = inference.face_crops(rgb, detect=detect, margin=margin)
-    probs = classify(np.stack(crops)[..., None]) if crops else np.zeros((0, len(class_names)))
-    state, records = tracked_records(state, source or {}, boxes, probs, class_names,
-                                     smoothing=smoothing)
-    return draw_annotations(rgb, records, bars=True), records, state
-
-
-def live_loop(read: Callable[[], np.ndarray], step: Callable[[np.ndarray], np.ndarray],
-              show: Callable[[np.ndarray], bool]) -> int:
-    """Reads, processes and shows frames until `show` returns False (the window was closed);
-    returns the number of frames processed. `read` raises CameraError when the camera fails."""
-    shown = 0
-    while True:
-        shown += 1
-        if not show(step(read())):
-            return shown
-
-
-def display_problem() -> str | None:
-    """Why no window can open here, or None: on X11 systems, DISPLAY must be set."""
-    if sys.platform in ("darwin", "win32", "cygwin"):
-        return None
-    if not os.environ.get("DISPLAY"):
-        return "DISPLAY is not set"
-    return None
-
-
-def no_display_message(reason: str) -> str:
-    return (f"--webcam needs a display for its window, and here {reason}; use --video FILE "
-            "to classify a recorded video instead")
-
-
-def no_camera_message(camera: int, reason: str = "cannot be opened (no such camera, or in use)"
-                      ) -> str:
-    return (f"--webcam: camera {camera} {reason}; use --video FILE to classify a recorded video "
-            "instead")
-
-
-def open_camera(index: int) -> cv2.VideoCapture:
-    """cv2.VideoCapture of camera `index`; CameraError when it cannot be opened (OpenCV's own
-    warnings about the attempt are silenced)."""
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    try:
-        capture = cv2.VideoCapture(index)
-    finally:
-        cv2.utils.logging.setLogLevel(level)
-    if not capture.isOpened():
-        capture.release()
-        raise CameraError(no_camera_message(index))
-    capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # show the newest frame, not a queue of old ones
-    return capture
-
-
-class Window:
-    """A Tk window that shows RGB frames; q, Esc or the window's close button close it.
-
-    Tk is Python's own GUI toolkit (the OpenCV wheel here is headless, without cv2.imshow); Pillow's
-    ImageTk turns each frame into a Tk image. Raises DisplayError when Tk cannot open a window.
-    """
-
-    def __init__(self, title: str):
-        try:
-            import tkinter
-
-            from PIL import ImageTk
-        except ImportError as e:
-            raise DisplayError(no_display_message(
-                f"tkinter cannot be imported ({e}; on Debian: apt install python3-tk)")) from e
-        try:
-            self._root = tkinter.Tk()
-        except tkinter.TclError as e:
-            raise DisplayError(no_display_message(f"Tk cannot open a window ({e})")) from e
-        self._image_tk = ImageTk
-        self._root.title(title)
-        self._label = tkinter.Label(self._root)
-        self._label.pack()
-        self._root.protocol("WM_DELETE_WINDOW", self.close)
-        self._root.bind("<Key>", self._key)
-        self.open = True
-
-    def _key(self, event: Any) -> None:
-        if event.keysym in ("q", "Q", "Escape"):
-            self.close()
-
-    def show(self, rgb: np.ndarray) -> bool:
-        """Shows one frame and handles pending events; False once the window is closed."""
-        if self.open:
-            photo = self._image_tk.PhotoImage(Image.fromarray(rgb), master=self._root)
-            self._label.configure(image=photo)
-            self._label.image = photo  # Tk keeps no reference of its own
-            self._root.update()
-        return self.open
-
-    def close(self) -> None:
-        if self.open:
-            self.open = False
-            self._root.destroy()
-
-
-def run_webcam(camera: int, load: Callable[[], Any], *, detect: bool = True, margin: float = 0.0,
-               tta: bool = False, smoothing: float = tracking.DEFAULT_SMOOTHING) -> int:
-    """`--webcam`: camera `camera` live in a window until it is closed; returns frames shown.
-
-    Checks the display and opens the camera before `load` (the model) so that a missing one is
-    reported at once. Raises DisplayError or CameraError, with the one-line message.
-    """
-    problem = display_problem()
-    if problem:
-        raise DisplayError(no_display_message(problem))
-    capture = open_camera(camera)
-    try:
-        loaded = load()
-        classify = loaded.classifier(tta=tta, batch_size=LIVE_BATCH)
-        classify(np.zeros((1, faces.FACE_SIZE, faces.FACE_SIZE, 1), np.uint8))  # compile now
-        window = Window(f"fermsca: camera {camera} (q or Esc to quit)")
-        state = tracking.TrackerState()
-
-        def read() -> np.ndarray:
-            ok, frame = capture.read()
-            if not ok:
-                raise CameraError(no_camera_message(camera, "stopped delivering frames"))
-            return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-
-        def step(rgb: np.ndarray) -> np.ndarray:
-            nonlocal state
-            drawn, _, state = live_frame(rgb, classify, loaded.class_names, state, detect=detect,
-                                         margin=margin, smoothing=smoothing)
-            return drawn
-
-        try:
-            return live_loop(read, step, window.show)
-        finally:
-            window.close()
-    finally:
-        capture.release()
+# The command line.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -760,15 +520,17 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _webcam(args: argparse.Namespace) -> int:
+    from fermsca import webcam  # here, not above: the live path is built on this module's records
+
     def load() -> inference.LoadedModel:
         if args.detect:
             faces.cascade_path()
         return inference.load(args.checkpoint)
 
     try:
-        shown = run_webcam(args.webcam, load, detect=args.detect, margin=args.margin,
-                           tta=args.tta, smoothing=args.smoothing)
-    except (DisplayError, CameraError, *cli.anticipated_errors()) as e:
+        shown = webcam.run_webcam(args.webcam, load, detect=args.detect, margin=args.margin,
+                                  tta=args.tta, smoothing=args.smoothing)
+    except (webcam.DisplayError, webcam.CameraError, *cli.anticipated_errors()) as e:
         if args.verbose:
             traceback.print_exc()
         print(cli.one_line(e), file=sys.stderr)

@@ -31,7 +31,7 @@ def compilation_cache():
 
 
 # A tiny FERNet with random weights and its checkpoint in a training run's layout, for the tests of
-# the model API and the tools on it (test_inference, test_predict).
+# the model API and the tools on it (test_inference, test_predict, test_webcam).
 @pytest.fixture(scope="module")
 def tiny_model():
     import tiny_run
@@ -49,3 +49,13 @@ def workdir(tiny_model, tmp_path_factory):
 
     config, _, variables = tiny_model
     return tiny_run.save_run_checkpoint(str(tmp_path_factory.mktemp("run")), config, variables)
+
+
+@pytest.fixture(scope="session")
+def face_clip(tmp_path_factory):
+    """An mp4v video, 12 frames of 320x240 at 10 frames/s: two faces (96 px) that move 2 px right
+    per frame, and the frames as decoded (fixtures.write_face_clip; test_predict, test_webcam)."""
+    import fixtures
+
+    path = str(tmp_path_factory.mktemp("clip") / "clip.mp4")
+    return path, fixtures.write_face_clip(path)

@@ -282,3 +282,71 @@ def write_ckplus48(root, entries) -> None:
     """CK+48 layout: CK+48/<class>/S###_###_########.png. `entries`: (class, file name, image)."""
     for label, name, image in entries:
         write_png(os.path.join(root, "CK+48", label, name), image)
+
+
+# --------------------------------------------------------------------------------------------
+# A video of two faces moving right (conftest's face_clip, for test_predict and test_webcam).
+
+CLIP_SIZE = (320, 240)  # width, height
+CLIP_FACE = 96
+CLIP_PLACES = ((30, 60), (190, 70))  # top-left corners of the two faces in frame 0
+CLIP_FRAMES = 12
+CLIP_STEP = 2  # pixels the faces move right per frame
+
+
+def clip_frame(two_faces, index: int) -> np.ndarray:
+    import cv2
+
+    canvas = np.full(CLIP_SIZE[::-1], 128, np.uint8)
+    for face, (x, y) in zip(two_faces, CLIP_PLACES, strict=True):
+        x += CLIP_STEP * index
+        canvas[y:y + CLIP_FACE, x:x + CLIP_FACE] = cv2.resize(face, (CLIP_FACE, CLIP_FACE),
+                                                               interpolation=cv2.INTER_CUBIC)
+    return np.stack([canvas] * 3, axis=-1)
+
+
+def clip_candidates():
+    """Real FER2013 faces where the shared data is present; otherwise faces drawn by the
+    built-in synthetic dataset, which the cascade finds too (tests/data holds no face images)."""
+    real = real_faces(24)
+    if real:
+        return real
+    from fermsca.datasets import synthetic_faces
+
+    return [synthetic_faces.draw_face(i % 8, np.random.default_rng(i)) for i in range(24)]
+
+
+def write_face_clip(path: str) -> list[np.ndarray]:
+    """Writes the clip of `clip_frame` to `path` (mp4v, 10 frames/s); returns its frames as decoded.
+    The faces are ones the cascade finds with a margin."""
+    import cv2
+    import haar_margin
+
+    from fermsca import predict
+
+    def alone(face, place):
+        x, y = CLIP_PLACES[place]
+        canvas = np.full(CLIP_SIZE[::-1], 128, np.uint8)
+        canvas[y:y + CLIP_FACE, x:x + CLIP_FACE] = cv2.resize(face, (CLIP_FACE, CLIP_FACE),
+                                                               interpolation=cv2.INTER_CUBIC)
+        return canvas
+
+    two = haar_margin.clear_faces(clip_candidates(), alone, count=2, draws=2)
+    assert len(two) == 2, "fewer than two faces are found with a clear margin"
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 10.0, CLIP_SIZE)
+    assert writer.isOpened(), "this OpenCV build cannot write mp4v video"
+    for i in range(CLIP_FRAMES):
+        writer.write(cv2.cvtColor(clip_frame(two, i), cv2.COLOR_RGB2BGR))
+    writer.release()
+    decoded = [rgb for _, rgb in predict.video_frames(path)]
+    assert len(decoded) == CLIP_FRAMES
+    return decoded
+
+
+def left_right_tracks(records):
+    """Per frame, (track of the left face, track of the right face)."""
+    by_frame = {}
+    for r in records:
+        by_frame.setdefault(r["frame"], []).append(r)
+    return {frame: tuple(r["track"] for r in sorted(rs, key=lambda r: r["box"][0]))
+            for frame, rs in by_frame.items()}

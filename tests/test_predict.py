@@ -1,5 +1,5 @@
 """Prediction: reading files, folders and videos, bad inputs, and the CLI's records (the model API
-itself is tested in test_inference.py)."""
+is tested in test_inference.py, the drawing in test_drawing.py, the live path in test_webcam.py)."""
 
 import functools
 import json
@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_run
+from fixtures import CLIP_FRAMES, left_right_tracks
 from PIL import Image
 
 from fermsca import inference, predict
@@ -306,59 +307,7 @@ def test_cli_without_released_weights_says_to_pass_a_checkpoint(monkeypatch, tmp
 
 
 # ---------------------------------------------------------------------------------------------
-# Videos with faces: tracks, smoothing, the annotated video; the live path without a window
-
-CLIP_SIZE = (320, 240)  # width, height
-CLIP_FACE = 96
-CLIP_PLACES = ((30, 60), (190, 70))  # top-left corners of the two faces in frame 0
-CLIP_FRAMES = 12
-CLIP_STEP = 2  # pixels the faces move right per frame
-
-
-def clip_frame(two_faces, index: int) -> np.ndarray:
-    canvas = np.full(CLIP_SIZE[::-1], 128, np.uint8)
-    for face, (x, y) in zip(two_faces, CLIP_PLACES, strict=True):
-        x += CLIP_STEP * index
-        canvas[y:y + CLIP_FACE, x:x + CLIP_FACE] = cv2.resize(face, (CLIP_FACE, CLIP_FACE),
-                                                               interpolation=cv2.INTER_CUBIC)
-    return np.stack([canvas] * 3, axis=-1)
-
-
-def clip_candidates():
-    """Real FER2013 faces where the shared data is present; otherwise faces drawn by the
-    built-in synthetic dataset, which the cascade finds too (tests/data holds no face images)."""
-    import fixtures
-
-    real = fixtures.real_faces(24)
-    if real:
-        return real
-    from fermsca.datasets import synthetic_faces
-
-    return [synthetic_faces.draw_face(i % 8, np.random.default_rng(i)) for i in range(24)]
-
-
-@pytest.fixture(scope="module")
-def face_clip(tmp_path_factory):
-    """An mp4v video, 12 frames of 320x240 at 10 frames/s: two faces (96 px) that move 2 px right
-    per frame, and the frames as decoded. The faces are ones the cascade finds with a margin."""
-    def alone(face, place):
-        x, y = CLIP_PLACES[place]
-        canvas = np.full(CLIP_SIZE[::-1], 128, np.uint8)
-        canvas[y:y + CLIP_FACE, x:x + CLIP_FACE] = cv2.resize(face, (CLIP_FACE, CLIP_FACE),
-                                                               interpolation=cv2.INTER_CUBIC)
-        return canvas
-
-    two = haar_margin.clear_faces(clip_candidates(), alone, count=2, draws=2)
-    assert len(two) == 2, "fewer than two faces are found with a clear margin"
-    path = str(tmp_path_factory.mktemp("clip") / "clip.mp4")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 10.0, CLIP_SIZE)
-    assert writer.isOpened(), "this OpenCV build cannot write mp4v video"
-    for i in range(CLIP_FRAMES):
-        writer.write(cv2.cvtColor(clip_frame(two, i), cv2.COLOR_RGB2BGR))
-    writer.release()
-    decoded = [rgb for _, rgb in predict.video_frames(path)]
-    assert len(decoded) == CLIP_FRAMES
-    return path, decoded
+# Videos with faces (conftest's face_clip): tracks, smoothing, the annotated video
 
 
 def read_video(path):
@@ -372,15 +321,6 @@ def read_video(path):
         frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     capture.release()
     return fps, int(count), frames
-
-
-def left_right_tracks(records):
-    """Per frame, (track of the left face, track of the right face)."""
-    by_frame = {}
-    for r in records:
-        by_frame.setdefault(r["frame"], []).append(r)
-    return {frame: tuple(r["track"] for r in sorted(rs, key=lambda r: r["box"][0]))
-            for frame, rs in by_frame.items()}
 
 
 def test_cli_annotates_a_video_and_follows_its_faces(workdir, tiny_model, face_clip, tmp_path,
@@ -434,76 +374,6 @@ def test_annotated_video_that_cannot_be_written_is_an_error_record(face_clip, tm
     assert summary.errors == 1
 
 
-def alternating_classifier(calls: list):
-    """Stands in for a model: every face of the n-th call gets class n % 2, as one-hot."""
-
-    def classify(crops: np.ndarray) -> np.ndarray:
-        calls.append(len(crops))
-        probs = np.zeros((len(crops), len(CLASS_NAMES)), np.float32)
-        probs[:, (len(calls) - 1) % 2] = 1
-        return probs
-
-    return classify
-
-
-def test_live_frame_detects_classifies_tracks_and_draws(face_clip):
-    from fermsca import tracking
-
-    _, decoded = face_clip
-    calls, state, ids = [], tracking.TrackerState(), []
-    for i, rgb in enumerate(decoded[:3]):
-        drawn, records, state = predict.live_frame(
-            rgb, alternating_classifier(calls), CLASS_NAMES, state, smoothing=0.5,
-            source={"frame": i})
-        assert drawn.shape == rgb.shape and np.abs(drawn.astype(int) - rgb).mean() > 5
-        ids.append(left_right_tracks(records)[i])
-        assert all(r["faces"] == 2 and r["label"] == max(r["probabilities"],
-                                                         key=r["probabilities"].get)
-                   for r in records)
-    assert calls == [2, 2, 2] and ids[0] == ids[1] == ids[2] and set(ids[0]) == {1, 2}
-    # One-hot neutral, happiness, neutral, averaged with weight 0.5: (1, 0), (.5, .5), (.75, .25).
-    for record in records:
-        assert record["probabilities"]["neutral"] == 0.75
-        assert record["probabilities"]["happiness"] == 0.25
-    assert [(t.id, t.missed) for t in state.tracks] == [(1, 0), (2, 0)]
-
-
-def test_live_loop_runs_until_the_window_closes_or_the_camera_fails(face_clip):
-    _, decoded = face_clip
-    frames = iter(decoded)
-    shown = []
-
-    def read():
-        frame = next(frames, None)
-        if frame is None:
-            raise predict.CameraError(predict.no_camera_message(0, "stopped delivering frames"))
-        return frame
-
-    def show(rgb):  # the window is closed while the fourth frame is shown
-        shown.append(rgb)
-        return len(shown) < 4
-
-    assert predict.live_loop(read, lambda rgb: rgb[::2, ::2], show) == 4
-    assert [s.shape for s in shown] == [(120, 160, 3)] * 4
-    with pytest.raises(predict.CameraError, match="camera 0 stopped delivering frames; use "
-                                                  "--video FILE"):
-        predict.live_loop(read, lambda rgb: rgb, lambda rgb: True)
-    assert len(shown) == 4
-
-
-def test_webcam_without_a_display_or_a_camera_says_so_in_one_line(monkeypatch, capsys):
-    monkeypatch.delenv("DISPLAY", raising=False)
-    assert predict.main(["--webcam"]) == 2
-    assert capsys.readouterr().err == (
-        "error: --webcam needs a display for its window, and here DISPLAY is not set; use "
-        "--video FILE to classify a recorded video instead\n")
-    monkeypatch.setenv("DISPLAY", ":99")
-    assert predict.main(["--webcam", "99"]) == 2
-    assert capsys.readouterr().err == (
-        "error: --webcam: camera 99 cannot be opened (no such camera, or in use); use --video "
-        "FILE to classify a recorded video instead\n")
-
-
 @pytest.mark.parametrize("argv", [
     ["--webcam", "--video", "clip.mp4"],
     ["--webcam", "-1"],
@@ -517,88 +387,3 @@ def test_cli_refuses_inconsistent_live_and_video_flags(argv, capsys):
     with pytest.raises(SystemExit):
         predict.main(argv)
     assert "error:" in capsys.readouterr().err
-
-
-def test_bars_show_each_class_beside_the_box():
-    image = np.full((200, 300, 3), 120, np.uint8)
-    probs = dict.fromkeys(CLASS_NAMES, 0.0) | {"surprise": 1.0}
-    record = {"box": [10, 20, 80, 80], "track": 2, "label": "surprise", "score": 1.0,
-              "probabilities": probs}
-    plain = predict.draw_annotations(image, [record])
-    drawn = predict.draw_annotations(image, [record], bars=True)
-    np.testing.assert_array_equal(drawn[:, :10], image[:, :10])  # left of the box: untouched
-    assert (plain[25:, 95:] == 120).all()  # without bars, nothing beside the box (below the label)
-    panel = drawn[20:, 94:]
-    assert (panel == 40).any()  # the darkened panel (120 // 3)
-    colour = np.array(predict.PALETTE[1])  # track 2
-    rows = np.where((panel == colour).all(axis=-1).any(axis=1))[0]
-    assert len(rows) and rows.min() > 0  # one bar in the track's colour, below the first row
-
-
-@pytest.fixture(scope="module")
-def xvfb():
-    """The display of an Xvfb server kept for this module's tests (skips where Xvfb is not
-    installed). One server for all: Tk keeps its display connection after a window is destroyed,
-    and Xlib ends the process when that connection's server goes away."""
-    import shutil
-    import subprocess
-
-    binary = shutil.which("Xvfb")
-    if binary is None:
-        pytest.skip("Xvfb is not installed (Debian: apt install xvfb)")
-    server = subprocess.Popen([binary, "-displayfd", "1", "-screen", "0", "640x480x24",
-                               "-nolisten", "tcp"], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
-    try:
-        number = server.stdout.readline().decode().strip()  # written once the server is ready
-        assert number.isdigit(), "Xvfb did not start"
-        yield f":{number}"
-    finally:
-        import gc
-
-        gc.collect()  # Tk interpreters of the tests let go of the display while it is still up
-        server.terminate()
-        server.wait(10)
-
-
-@pytest.fixture
-def virtual_display(xvfb, monkeypatch):
-    monkeypatch.setenv("DISPLAY", xvfb)
-    return xvfb
-
-
-def test_window_shows_frames_and_closes_on_q_escape_or_the_close_button(virtual_display):
-    frame = np.full((240, 320, 3), 90, np.uint8)
-    for close in ("q", "Escape", "x", "button"):
-        window = predict.Window("test")
-        assert window.show(frame) and window.show(frame)
-        root = window._root
-        assert root.winfo_width() >= 320 and root.winfo_height() >= 240
-        if close == "button":
-            root.tk.call(root.protocol("WM_DELETE_WINDOW"))
-        else:
-            root.focus_force()
-            root.update()
-            root.event_generate("<Key>", keysym=close, when="now")
-        assert window.open == (close == "x") and window.show(frame) == (close == "x")
-        window.close()
-
-
-def test_webcam_runs_the_live_path_in_a_window_until_the_camera_stops(virtual_display, workdir,
-                                                                       face_clip, monkeypatch):
-    clip, decoded = face_clip
-    opened = []
-
-    def open_clip(index):  # the clip stands in for camera `index`
-        opened.append(index)
-        return cv2.VideoCapture(clip)
-
-    monkeypatch.setattr(predict, "open_camera", open_clip)
-    shown = []
-    show = predict.Window.show
-    monkeypatch.setattr(predict.Window, "show", lambda self, rgb: shown.append(rgb) or show(self, rgb))
-    with pytest.raises(predict.CameraError, match="camera 3 stopped delivering frames"):
-        predict.run_webcam(3, lambda: inference.load(workdir))
-    assert opened == [3] and len(shown) == CLIP_FRAMES
-    for drawn, plain in zip(shown, decoded, strict=True):  # boxes, labels and bars drawn
-        assert drawn.shape == plain.shape and np.abs(drawn.astype(int) - plain).mean() > 5
