@@ -47,7 +47,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fermsca import cli, drawing, faces, hostenv, inference, tracking
+from fermsca import cli, drawing, face_records, faces, hostenv, inference, tracking
 
 DEFAULT_CHECKPOINT = inference.RELEASED_FERPLUS
 MAX_MEGAPIXELS = 50.0
@@ -189,41 +189,6 @@ def video_fps(path: str) -> float:
     finally:
         capture.release()
     return float(fps) if np.isfinite(fps) and fps > 0 else FALLBACK_FPS
-
-
-# ----------------------------------------------------------------------------------------------
-# Records of one image or frame, and faces followed across frames.
-
-
-def face_records(source: dict, boxes: Sequence, probabilities: Any, class_names: Sequence[str],
-                 track_ids: Sequence[int] | None = None) -> list[dict]:
-    """The records of one image or frame: one per face (in `boxes` order), or one saying none."""
-    if not len(boxes):
-        return [{**source, "faces": 0}]
-    records = []
-    for i, (box, p) in enumerate(zip(boxes, probabilities, strict=True)):
-        k = int(np.argmax(p))
-        record = {**source, "faces": len(boxes), "face": i}
-        if track_ids is not None:
-            record["track"] = int(track_ids[i])
-        record.update({
-            "box": [int(v) for v in box], "label": class_names[k], "score": round(float(p[k]), 6),
-            "probabilities": {n: round(float(v), 6) for n, v in zip(class_names, p, strict=True)},
-        })
-        records.append(record)
-    return records
-
-
-def tracked_records(state: tracking.TrackerState, source: dict, boxes: Sequence,
-                    probabilities: Any, class_names: Sequence[str], *,
-                    smoothing: float = tracking.DEFAULT_SMOOTHING
-                    ) -> tuple[tracking.TrackerState, list[dict]]:
-    """`face_records` of one frame after `tracking.update`: each face with its track id and its
-    track's smoothed probabilities. Returns (the tracks after this frame, the records)."""
-    state, tracks = tracking.update(state, [tuple(b) for b in boxes], probabilities,
-                                    smoothing=smoothing)
-    smoothed = [t.probabilities for t in tracks]
-    return state, face_records(source, boxes, smoothed, class_names, [t.id for t in tracks])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,9 +347,9 @@ class Predictor:
             item_probs = probs[used:used + len(item.crops)] if item.crops else []
             used += len(item.crops)
             if run is None:
-                records = face_records(item.source, item.boxes, item_probs, self.class_names)
+                records = face_records.of_frame(item.source, item.boxes, item_probs, self.class_names)
             else:
-                run.tracks, records = tracked_records(
+                run.tracks, records = face_records.of_tracked_frame(
                     run.tracks, item.source, item.boxes, item_probs, self.class_names,
                     smoothing=self.smoothing)
             self._count(records)
@@ -520,7 +485,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _webcam(args: argparse.Namespace) -> int:
-    from fermsca import webcam  # here, not above: the live path is built on this module's records
+    from fermsca import webcam  # here, not above: tkinter and the window only for --webcam
 
     def load() -> inference.LoadedModel:
         if args.detect:

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from fermsca import drawing, faces, inference, predict, tracking
+from fermsca import drawing, face_records, faces, inference, tracking
 
 LIVE_BATCH = 8  # faces per model call: a frame holds few
 
@@ -46,7 +46,7 @@ def live_frame(rgb: np.ndarray, classify: Callable[[np.ndarray], np.ndarray],
     """
     boxes, crops = inference.face_crops(rgb, detect=detect, margin=margin)
     probs = classify(np.stack(crops)[..., None]) if crops else np.zeros((0, len(class_names)))
-    state, records = predict.tracked_records(state, source or {}, boxes, probs, class_names,
+    state, records = face_records.of_tracked_frame(state, source or {}, boxes, probs, class_names,
                                              smoothing=smoothing)
     return drawing.draw_annotations(rgb, records, bars=True), records, state
 
