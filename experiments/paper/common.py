@@ -319,6 +319,31 @@ def repeats(row: Row, dataset: str, folds: Sequence[int],
     return [(f"fold_{k}", {"dataset.fold": k}) for k in folds]
 
 
+def _run_logged(cmd: list[str], workdir: Path, name: str, *, rerun: bool, dry_run: bool) -> float | None:
+    """Prints and runs a training command with its output in `<workdir>.log` (appended: a resumed
+    run keeps the earlier attempts); returns the seconds it took, None for a dry run. A pre-empted
+    (exit 75) or failed run is a RunError that says how to resume or where to look."""
+    print("$ " + shlex.join(cmd), flush=True)
+    if dry_run:
+        return None
+    if rerun and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir.with_name(workdir.name + ".log")
+    start = time.time()
+    with open(log_path, "a") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    elapsed = time.time() - start
+    if proc.returncode == 75:  # fermsca.cli.EXIT_PREEMPTED: a checkpoint was saved
+        raise RunError(f"{name}: pre-empted after {elapsed:.0f} s; repeat the command to resume "
+                       f"from {workdir}. Log: {log_path}")
+    if proc.returncode:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise RunError(f"{name}: exited with {proc.returncode} after {elapsed:.0f} s; workdir "
+                       f"{workdir}, log {log_path}:\n{tail}")
+    return elapsed
+
+
 def train_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
               *, scratch: Path, rerun: bool = False, keep_workdir: bool = False,
               dry_run: bool = False, results_root: Path = RESULTS) -> Path | None:
@@ -334,28 +359,13 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
     workdir = scratch / study / mode / row_path
     cmd = [sys.executable, "-m", "fermsca.main", "--config", config_file, "--workdir", str(workdir),
            *config_flags(overrides)]
-    print("$ " + shlex.join(cmd), flush=True)
-    if dry_run:
+    elapsed = _run_logged(cmd, workdir, f"{study}/{mode}/{row_path}", rerun=rerun, dry_run=dry_run)
+    if elapsed is None:
         return None
-    if rerun and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir.with_name(workdir.name + ".log")
-    start = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    elapsed = time.time() - start
-    if proc.returncode == 75:  # fermsca.cli.EXIT_PREEMPTED: a checkpoint was saved
-        raise RunError(f"{study}/{mode}/{row_path}: pre-empted after {elapsed:.0f} s; repeat the "
-                       f"command to resume from {workdir}. Log: {log_path}")
-    if proc.returncode:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise RunError(f"{study}/{mode}/{row_path}: training exited with {proc.returncode} after "
-                       f"{elapsed:.0f} s; workdir {workdir}, log {log_path}:\n{tail}")
     produced = workdir / "results.json"
     if not produced.is_file():
         raise RunError(f"{study}/{mode}/{row_path}: no results.json in {workdir} (preempted?); "
-                       f"repeat the command to resume. Log: {log_path}")
+                       f"repeat the command to resume")
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -389,25 +399,13 @@ def train_folds_row(study: str, mode: str, row_path: str, config_file: str, over
     cmd = [sys.executable, "-m", "experiments.paper.ckplus_cv", "--config", config_file,
            "--workdir", str(workdir), "--folds", ",".join(str(k) for k in folds),
            *config_flags({k: v for k, v in overrides.items() if k != "dataset.fold"})]
-    print("$ " + shlex.join(cmd), flush=True)
-    if dry_run:
+    elapsed = _run_logged(cmd, workdir, f"{study}/{mode}/{row_path}", rerun=rerun, dry_run=dry_run)
+    if elapsed is None:
         return None
-    if rerun and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir.with_name(workdir.name + ".log")
-    start = time.time()
-    with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    elapsed = time.time() - start
-    if proc.returncode == 75:  # fermsca.cli.EXIT_PREEMPTED
-        raise RunError(f"{study}/{mode}/{row_path}: pre-empted after {elapsed:.0f} s; repeat the "
-                       f"command to resume from {workdir}. Log: {log_path}")
     summary = workdir / "summary.json"
-    if proc.returncode or not summary.is_file():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
-        raise RunError(f"{study}/{mode}/{row_path}: cross-validation exited with {proc.returncode} "
-                       f"after {elapsed:.0f} s; workdir {workdir}, log {log_path}:\n{tail}")
+    if not summary.is_file():
+        raise RunError(f"{study}/{mode}/{row_path}: no summary.json in {workdir}; repeat the "
+                       "command to resume")
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
