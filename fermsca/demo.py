@@ -8,21 +8,28 @@ they are missing, assembles the page in WORKDIR/site/ and serves it with `http.s
 OpenCV.js finds faces with the Haar cascade of `fermsca.faces` (the same file, same settings), crops
 them as `faces.crop_face` does and onnxruntime-web (wasm) runs model.onnx; no file comes from
 anywhere but this server. web/README.md describes the page.
+
+`Chromium` drives headless Chromium over the DevTools protocol, for the page's end-to-end test
+(tests/test_demo.py) and its benchmark (experiments/perf/browser_bench.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import hashlib
 import http.server
 import inspect
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -170,6 +177,97 @@ def page_url(server: http.server.ThreadingHTTPServer) -> str:
     host, port = server.server_address[:2]
     host = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host
     return f"http://{host}:{port}/"
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Headless Chromium on the page, for its test and its benchmark.
+
+CHROMIUM = "/usr/bin/chromium"
+# A fake camera (--use-file-for-fake-video-capture=VIDEO.y4m adds the video) granted without asking.
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--remote-debugging-pipe",
+)
+
+
+class Chromium:
+    """Headless Chromium with a DevTools session on one page, on a pipe (--remote-debugging-pipe:
+    JSON messages ending in a NUL byte, fd 3 in and fd 4 out), so no driver package is needed."""
+
+    def __init__(self, args: Sequence[str], log_path: str, executable: str = CHROMIUM):
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        actions = [(os.POSIX_SPAWN_DUP2, to_browser_r, 3), (os.POSIX_SPAWN_DUP2, from_browser_w, 4),
+                   (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                   (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
+        self.pid = os.posix_spawn(executable, [executable, *args], os.environ, file_actions=actions)
+        for fd in (to_browser_r, from_browser_w, log):
+            os.close(fd)
+        self._buffer = b""
+        self._next_id = 0
+        self._session = None
+
+    def send(self, method: str, timeout: float = 30.0, **params) -> dict:
+        """One DevTools command (to the page once `open` has attached to it); its result."""
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if self._session is not None:
+            message["sessionId"] = self._session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._next_id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
+                raise TimeoutError(f"{method}: no reply from Chromium in {timeout} s")
+            chunk = os.read(self._from_browser, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"{method}: Chromium closed the DevTools pipe")
+            self._buffer += chunk
+
+    def open(self, url: str) -> None:
+        """Opens `url` in a new page and attaches to it."""
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self._session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression in the page (JSON-like values)."""
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def screenshot(self, path: str) -> str:
+        """Writes a PNG of the page's viewport to `path`; returns `path`."""
+        data = self.send("Page.captureScreenshot", format="png")["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        """Ends the browser (SIGTERM, SIGKILL after 10 s) and closes the pipes."""
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.1)
+        except ChildProcessError:
+            pass
+        os.close(self._to_browser)
+        os.close(self._from_browser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,16 +1,13 @@
 """The webcam demo end to end: a real FER+ face as a fake camera in headless Chromium, the page's box,
 crop and probabilities against `fermsca.faces` and the JAX model on the very frame the page saw.
 
-Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
-ending in a NUL byte, fd 3 in and fd 4 out), so the test needs no driver package.
+Chromium is driven over the DevTools protocol on a pipe (`demo.Chromium`), so the test needs no driver
+package. A screenshot of the page (PNG in the test's tmp_path) is kept once the box and label are checked.
 """
 
 import base64
-import json
 import os
-import select
 import shutil
-import signal
 import threading
 import time
 
@@ -22,14 +19,8 @@ from test_faces import iou, read_ferplus_faces
 
 from fermsca import demo, export, faces, inference
 
-CHROMIUM = "/usr/bin/chromium"
 WIDTH, HEIGHT = 640, 480
 PASTE_X, PASTE_Y, PASTE_SIDE = 224, 120, 192  # the face, upscaled 4x, in the 640x480 frame
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--remote-debugging-pipe",
-]
 PAGE_TIMEOUT_S = 90
 LARGE = (1700, 1275)  # width, height: over faces.detect_faces' max_side of 1280
 
@@ -51,72 +42,6 @@ def write_y4m(path: str, gray: np.ndarray, frames: int = 5) -> None:
             f.write(b"FRAME\n" + gray.tobytes() + chroma + chroma)
 
 
-class Chromium:
-    """Headless Chromium with a DevTools session on one page."""
-
-    def __init__(self, args: list[str], log_path: str):
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        actions = [(os.POSIX_SPAWN_DUP2, to_browser_r, 3), (os.POSIX_SPAWN_DUP2, from_browser_w, 4),
-                   (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)]
-        self.pid = os.posix_spawn(CHROMIUM, [CHROMIUM, *args], os.environ, file_actions=actions)
-        for fd in (to_browser_r, from_browser_w, log):
-            os.close(fd)
-        self._buffer = b""
-        self._next_id = 0
-        self._session = None
-
-    def send(self, method: str, timeout: float = 30.0, **params) -> dict:
-        self._next_id += 1
-        message = {"id": self._next_id, "method": method, "params": params}
-        if self._session is not None:
-            message["sessionId"] = self._session
-        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self._next_id:
-                    if "error" in reply:
-                        raise RuntimeError(f"{method}: {reply['error']}")
-                    return reply["result"]
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
-                raise TimeoutError(f"{method}: no reply from Chromium in {timeout} s")
-            chunk = os.read(self._from_browser, 1 << 20)
-            if not chunk:
-                raise RuntimeError(f"{method}: Chromium closed the DevTools pipe")
-            self._buffer += chunk
-
-    def open(self, url: str) -> None:
-        target = self.send("Target.createTarget", url=url)["targetId"]
-        self._session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-
-    def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    def close(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
-                if time.monotonic() > deadline:
-                    os.kill(self.pid, signal.SIGKILL)
-                    os.waitpid(self.pid, 0)
-                    break
-                time.sleep(0.1)
-        except ChildProcessError:
-            pass
-        os.close(self._to_browser)
-        os.close(self._from_browser)
-
-
 def decode(text: str, shape) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), np.uint8).reshape(shape)
 
@@ -129,9 +54,9 @@ def face_frame():
     return render(clear[0])
 
 
-def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium")
+def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path, record_property):
+    if not os.access(demo.CHROMIUM, os.X_OK):
+        pytest.skip(f"{demo.CHROMIUM} not found: apt-get install chromium")
     if shutil.which("npm") is None and not os.path.isdir(os.path.join(demo.WEB_DIR, "node_modules")):
         pytest.skip("npm not found (needed once for `npm ci` in web/): apt-get install nodejs npm")
     site = demo.build_site(workdir=str(tmp_path / "work"))
@@ -142,9 +67,9 @@ def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
     write_y4m(video, face_frame)
     server = demo.make_server(site, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    browser = Chromium([*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={video}",
-                        f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
-                       str(tmp_path / "chromium.log"))
+    browser = demo.Chromium([*demo.CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={video}",
+                             f"--user-data-dir={tmp_path / 'profile'}", "about:blank"],
+                            str(tmp_path / "chromium.log"))
     try:
         browser.open(demo.page_url(server))
         deadline = time.monotonic() + PAGE_TIMEOUT_S
@@ -163,6 +88,12 @@ def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
         pixel = browser.evaluate("Array.from(document.getElementById('view').getContext('2d')"
                                  f".getImageData({x}, {y + h // 2}, 1, 1).data)")
         bars = browser.evaluate("Array.from(document.querySelectorAll('#bars .value'), e => e.textContent)")
+        # The page as a person sees it then (the still video gives the same box and label).
+        screenshot = browser.screenshot(str(tmp_path / "page.png"))
+        print(f"screenshot of the page: {screenshot}")
+        record_property("screenshot", screenshot)
+        view = browser.evaluate("(r => [r.left, r.top])"
+                                "(document.getElementById('view').getBoundingClientRect())")
         # A frame larger than detect_faces' max_side is searched shrunk, its boxes mapped back.
         large = cv2.resize(decode(shot["frame"], (HEIGHT, WIDTH)), LARGE, interpolation=cv2.INTER_LINEAR)
         found = browser.evaluate(f"__fermsca.findFaces('{base64.b64encode(large.tobytes()).decode()}', "
@@ -203,6 +134,11 @@ def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path):
 
     assert pixel[:3] == [0x2E, 0xCC, 0x40], f"no green box edge at ({x}, {y + h // 2}): {pixel}"
     assert bars == [f"{p:.2f}" for p in browser_probs]
+    # The screenshot shows that box edge too (BGR), where the canvas lies on the page.
+    image = cv2.imread(screenshot)
+    assert image is not None, f"{screenshot}: not a readable PNG"
+    edge = image[round(view[1]) + y + h // 2, round(view[0]) + x].astype(int)
+    assert np.abs(edge - [0x40, 0xCC, 0x2E]).max() <= 2, f"{screenshot}: no green box edge there: {edge}"
 
 
 # ----------------------------------------------------------------------------------------------

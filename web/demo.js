@@ -3,13 +3,29 @@
 // backend. Everything runs in the page; every file comes from this site (see fermsca/demo.py).
 //
 // For tests, window.__fermsca keeps the last result (frame, boxes, crops, probabilities) and finds
-// faces in any grey image (findFaces).
+// faces in any grey image (findFaces); for the benchmark, __fermsca.timing holds the time of each
+// stage of each step (performance.now(), ms).
 
 import * as ort from './vendor/ort/ort.wasm.min.mjs';
 
+// Stages of a step: grab (frame to grey), detect, crop, infer (ONNX), draw; step is their total.
+const STAGES = ['grab', 'detect', 'crop', 'infer', 'draw', 'step'];
+const SAMPLES = 4096;  // the per-step times of the last SAMPLES steps are kept (for medians)
+const timing = {
+  steps: 0, faces: 0, cameraFrames: null,  // camera frames presented so far, where the browser tells
+  sum: Object.fromEntries(STAGES.map((k) => [k, 0])),  // ms per stage over all steps
+  samples: [],  // {at: start time, faces, grab, detect, ...}, a ring of SAMPLES, slot steps % SAMPLES
+};
 const state = {ready: false, error: null, frames: 0, classNames: [], settings: null, last: null,
-               snapshot, findFaces: null};
+               snapshot, findFaces: null, timing};
 window.__fermsca = state;
+
+function record(sample) {
+  for (const k of STAGES) timing.sum[k] += sample[k];
+  timing.samples[timing.steps % SAMPLES] = sample;
+  timing.steps += 1;
+  timing.faces += sample.faces;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Geometry and cropping, as fermsca/faces.py.
@@ -181,21 +197,27 @@ async function classify(session, crops, size) {
 }
 
 async function step(cv, classifier, session, video, grab, view, bars) {
+  const t0 = performance.now();
   const {width, height} = grab.canvas;
   grab.drawImage(video, 0, 0, width, height);
   const rgba = cv.matFromImageData(grab.getImageData(0, 0, width, height));
   const gray = new cv.Mat();
   const s = state.settings;
-  let boxes, crops, frame;
+  let boxes, crops, frame, t1, t2, t3;
   try {
     cv.cvtColor(rgba, gray, cv.COLOR_RGBA2GRAY);  // ITU-R 601, as faces.to_gray
     frame = new Uint8Array(gray.data);
-    ({boxes, crops} = findFaces(cv, classifier, gray, s));
+    t1 = performance.now();
+    boxes = detectFaces(cv, classifier, gray, s.detect);  // findFaces, in two timed stages
+    t2 = performance.now();
+    crops = boxes.map((box) => cropFace(cv, gray, box, s.margin, s.face_size));
+    t3 = performance.now();
   } finally {
     rgba.delete();
     gray.delete();
   }
   const probabilities = crops.length ? await classify(session, crops, s.face_size) : [];
+  const t4 = performance.now();
   const faces = boxes.map((box, i) => {
     const p = probabilities[i];
     let best = 0;
@@ -207,6 +229,9 @@ async function step(cv, classifier, session, video, grab, view, bars) {
   showBars(bars, faces.length ? faces[0].probabilities : null);
   state.last = {width, height, frame, faces};
   state.frames += 1;
+  const t5 = performance.now();
+  record({at: t0, faces: faces.length, grab: t1 - t0, detect: t2 - t1, crop: t3 - t2, infer: t4 - t3,
+          draw: t5 - t4, step: t5 - t0});
 }
 
 async function main() {
@@ -236,7 +261,10 @@ async function main() {
     status.textContent = `camera ${canvas.width}x${canvas.height}; everything runs in this page`;
     // One step per new camera frame where the browser tells when one arrives.
     const next = video.requestVideoFrameCallback
-      ? () => video.requestVideoFrameCallback(() => loop()) : () => setTimeout(loop, 0);
+      ? () => video.requestVideoFrameCallback((now, meta) => {
+        timing.cameraFrames = meta.presentedFrames;
+        loop();
+      }) : () => setTimeout(loop, 0);
     const loop = async () => {
       try {
         await step(cv, classifier, session, video, grab, view, bars);
