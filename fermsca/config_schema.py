@@ -19,6 +19,7 @@ from fermsca.datasets import labels
 IMAGE_SIZE = 48
 DATASETS = ("synthetic_faces", "ferplus", "ckplus")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_ON_DEVICE = ("auto", "on", "off")  # input_pipeline.DATA_ON_DEVICE (not imported: TensorFlow)
 
 
 def _one_of(*choices) -> Callable[[Any], str | None]:
@@ -122,6 +123,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "batch_size": _at_least(1),
     "eval_batch_size": _at_least(1),
     "steps_per_dispatch": _at_least(1),
+    "data_on_device": _one_of(*DATA_ON_DEVICE),
     "log_every_steps": _at_least(1),
     "checkpoint_every_epochs": _at_least(1),
     "checkpoint_every_steps": _at_least(0),

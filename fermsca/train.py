@@ -15,6 +15,19 @@ steps are left before one, they run one at a time (`dispatch_sizes`), so a run c
 and the single step, and never pads or wastes a step. Logging and the non-finite check read the
 per-step metrics (`_StepMetrics`); pre-emption is honoured between dispatches.
 
+Training split on the device. With `config.data_on_device` ("auto": on a GPU or TPU) the training
+split (uint8 images, float32 targets) is placed on the devices once (`Trainer.put_train_split`),
+whole on every device: a batch's examples are a random draw from the split, so a device holding only
+a shard of it would have to fetch most of its rows from the others, while a full copy makes the
+gather local. Each step then sends only its indices (and drawn FER+ classes;
+`input_pipeline.train_index_iterator`) and the jitted step, or the scan of K steps, gathers the batch
+(`indexed_train_step`): the same batches as the host pipeline's, so the same training. With several
+processes every process places the whole split on its own devices (the replicated array is built
+from each process's full copy, `jax.make_array_from_process_local_data`) and feeds its part of each
+global batch's indices, as it would feed its part of the images. A split larger than
+`input_pipeline.DEVICE_MEMORY_SHARE` of a device's free memory stays on the host ("auto", logged) or
+stops the run ("on"); all processes take the same path.
+
 Weight averaging (beyond the paper). With `config.ema_decay` d > 0 the state is an `EMATrainState`
 whose `ema` holds an exponential moving average of the parameters and of the BatchNorm statistics,
 ema <- d * ema + (1 - d) * new after every step (`optax.incremental_update`), started at the initial
@@ -38,6 +51,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers, metrics, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -176,6 +190,20 @@ def train_steps(state: TrainState, batches: dict[str, jax.Array], rng: jax.Array
     return jax.lax.scan(lambda s, batch: step(s, batch, rng), state, batches)
 
 
+def indexed_train_step(state: TrainState, data: dict[str, jax.Array], indices: dict[str, jax.Array],
+                       rng: jax.Array, *, step: Callable) -> tuple[TrainState, TrainMetrics]:
+    """`step` on the batch that `indices` ({"index": int32 [B], "class"?: int32 [B]}) select from
+    `data`, the training split on the device ({"image": uint8 [N, H, W, C], "target": [N, K]})."""
+    return step(state, input_pipeline.gather_batch(data["image"], data["target"], indices), rng)
+
+
+def indexed_train_steps(state: TrainState, data: dict[str, jax.Array], indices: dict[str, jax.Array],
+                        rng: jax.Array, *, step: Callable) -> tuple[TrainState, TrainMetrics]:
+    """`indexed_train_step` over index batches stacked [K, B], in one `jax.lax.scan`."""
+    return train_steps(state, indices, rng,
+                       step=lambda s, i, r: indexed_train_step(s, data, i, r, step=step))
+
+
 def dispatch_sizes(start: int, stop: int, steps_per_epoch: int, steps_per_dispatch: int,
                    checkpoint_every_steps: int = 0) -> Iterator[int]:
     """Steps of each dispatch from step `start` to `stop`: `steps_per_dispatch` at a time, and one
@@ -223,7 +251,9 @@ class Trainer:
     reuses the state's buffers) are for benchmarks; `class_weights` [K] weight the training loss.
 
     `train_step` is one step; `train_steps` runs `config.steps_per_dispatch` steps in one call
-    (`train_chunk`). With `config.ema_decay` > 0 the state keeps an EMA of the weights."""
+    (`train_chunk`). Their `indexed_` twins take index batches and gather them from the training
+    split on the device (`put_train_split`). With `config.ema_decay` > 0 the state keeps an EMA of
+    the weights."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int,
                  mesh: jax.sharding.Mesh, *, model: nn.Module | None = None, donate: bool = True,
@@ -257,6 +287,15 @@ class Trainer:
             functools.partial(train_steps, step=step),
             in_shardings=(self.replicated, self.chunk_sharding, self.replicated),
             out_shardings=(self.replicated, self.replicated), donate_argnums=donate_argnums)
+        # The split replicated, the indices split over the devices as a batch is: a local gather.
+        self.indexed_train_step = jax.jit(
+            functools.partial(indexed_train_step, step=step),
+            in_shardings=(self.replicated, self.replicated, self.batch_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=donate_argnums)
+        self.indexed_train_steps = jax.jit(
+            functools.partial(indexed_train_steps, step=step),
+            in_shardings=(self.replicated, self.replicated, self.chunk_sharding, self.replicated),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=donate_argnums)
         self.eval_step = jax.jit(
             functools.partial(eval_step, model=self.model, loss_fn=self.loss_fn,
                               num_classes=num_classes),
@@ -276,15 +315,33 @@ class Trainer:
     def place(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
 
-    def train(self, state: TrainState, batch: dict[str, np.ndarray]):
-        return self.train_step(state, global_batch(batch, self.batch_sharding),
-                               jax.random.fold_in(self.rng, 2))
+    def put_train_split(self, split: Any) -> dict[str, jax.Array]:
+        """The split's {"image": uint8 [N, H, W, C], "target": float32 [N, K]}, whole on every device
+        of the mesh (each process passes its full copy), for `train(..., data=)`."""
+        arrays = {"image": np.asarray(split.images), "target": np.asarray(split.targets, np.float32)}
+        return {k: jax.make_array_from_process_local_data(self.replicated, v, v.shape)
+                for k, v in arrays.items()}
 
-    def train_chunk(self, state: TrainState, batches: list[dict[str, np.ndarray]]):
-        """`len(batches)` steps in one call (`train_steps`): the state and per-step metrics [K]."""
+    def train(self, state: TrainState, batch: dict[str, np.ndarray],
+              data: dict[str, jax.Array] | None = None):
+        """One step on this process's part of a global batch; with `data` (`put_train_split`) the
+        batch is a `train_index_iterator` item, gathered from `data` on the device."""
+        batch = global_batch(batch, self.batch_sharding)
+        rng = jax.random.fold_in(self.rng, 2)
+        if data is None:
+            return self.train_step(state, batch, rng)
+        return self.indexed_train_step(state, data, batch, rng)
+
+    def train_chunk(self, state: TrainState, batches: list[dict[str, np.ndarray]],
+                    data: dict[str, jax.Array] | None = None):
+        """`len(batches)` steps in one call (`train_steps`): the state and per-step metrics [K].
+        With `data` the batches are index batches, as in `train`."""
         stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-        return self.train_steps(state, global_batch(stacked, self.chunk_sharding),
-                                jax.random.fold_in(self.rng, 2))
+        stacked = global_batch(stacked, self.chunk_sharding)
+        rng = jax.random.fold_in(self.rng, 2)
+        if data is None:
+            return self.train_steps(state, stacked, rng)
+        return self.indexed_train_steps(state, data, stacked, rng)
 
     def evaluate(self, state: TrainState, split: Any, batch_size: int) -> dict:
         """Loss, accuracy and confusion matrix over every example of `split` exactly once."""
@@ -407,8 +464,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_hparams(run_record.hparams(config))
         progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                                    every_steps=config.log_every_steps)
-        train_iter: Iterator = input_pipeline.train_iterator(
-            train_split, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+        train_data = _device_train_split(config, trainer, train_split)
+        batches = input_pipeline.train_iterator if train_data is None else \
+            input_pipeline.train_index_iterator
+        train_iter: Iterator = batches(train_split, global_batch_size=config.batch_size,
+                                       seed=config.seed, start_step=start_step)
         logging.info("training %d steps (%d per epoch) from step %d on %d %s device(s), %d process(es)",
                      num_steps, steps_per_epoch, start_step, jax.device_count(),
                      jax.devices()[0].device_kind, jax.process_count())
@@ -428,9 +488,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     timer.pause(state)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     if size == 1:
-                        state, m = trainer.train(state, next(train_iter))
+                        state, m = trainer.train(state, next(train_iter), train_data)
                     else:
-                        state, m = trainer.train_chunk(state, [next(train_iter) for _ in range(size)])
+                        state, m = trainer.train_chunk(state, [next(train_iter) for _ in range(size)],
+                                                       train_data)
                 if first_call:
                     compiled.add(size)
                     timer.start(state)
@@ -500,6 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "status": status,
             "wall_time_seconds": time.time() - start_time,
             "train_images_per_second": timer.images_per_second(),
+            "train_data_on_device": train_data is not None,
         })
         ckpts.close()
         if is_chief:
@@ -509,6 +571,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except BaseException:
         ckpts.close()  # finish pending saves and stop the writer threads before the error exits
         raise
+
+
+def _device_train_split(config: ml_collections.ConfigDict, trainer: Trainer, split: Any
+                        ) -> dict[str, jax.Array] | None:
+    """The training split on the devices where `config.data_on_device` asks for it and it fits;
+    None: batches come from the host pipeline."""
+    if not input_pipeline.data_on_device(config.data_on_device, jax.default_backend()):
+        return None
+    nbytes = np.asarray(split.images).nbytes + np.asarray(split.targets, np.float32).nbytes
+    problem = input_pipeline.device_memory_problem(
+        nbytes, [d.memory_stats() for d in jax.local_devices()])
+    if jax.process_count() > 1:  # the two paths compile different steps: every process takes one
+        fits = multihost_utils.process_allgather(np.int32(problem is None))
+        if problem is None and not np.all(fits):
+            problem = "the training split does not fit on another process's devices"
+    if problem:
+        if config.data_on_device == "on":
+            raise cli.ConfigError(f"config.data_on_device='on': {problem}; set it to 'auto' or 'off' "
+                                  "to feed batches from the host")
+        logging.info("config.data_on_device=%r: %s; batches come from the host pipeline",
+                     config.data_on_device, problem)
+        return None
+    logging.info("training split on the device: %d examples, %.1f MiB on each device",
+                 len(split.images), nbytes / 2**20)
+    return trainer.put_train_split(split)
 
 
 def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -> None:

@@ -53,6 +53,7 @@ def _with(**fields):
     ({"class_weighting": -1.0}, r"config.class_weighting=-1.0: must be >= 0"),
     ({"ema_decay": 1.0}, r"config.ema_decay=1.0: must be in \[0, 1\)"),
     ({"steps_per_dispatch": 0}, r"config.steps_per_dispatch=0: must be >= 1"),
+    ({"data_on_device": "true"}, r"config.data_on_device='true': expected one of \['auto', 'on', 'off'\]"),
     ({"optimizer__schedule": "warmup_cosine", "optimizer__warmup_epochs": 8, "num_epochs": 8},
      r"config.optimizer.warmup_epochs=8: must be below config.num_epochs=8"),
 ])
@@ -79,3 +80,9 @@ def test_batch_must_divide_devices_and_processes():
     config.batch_size, config.eval_batch_size = 33, 100
     with pytest.raises(ConfigError, match=r"config.eval_batch_size=100 .* processes \(3\); e.g. use 99"):
         config_schema.validate(config, process_count=3)
+
+
+def test_data_on_device_choices_are_the_input_pipelines():
+    from fermsca import input_pipeline
+
+    assert config_schema.DATA_ON_DEVICE == input_pipeline.DATA_ON_DEVICE

@@ -200,3 +200,71 @@ def test_defaults_use_this_process():
     split = _split(10)
     batches = _take(input_pipeline.eval_iterator(split, global_batch_size=4), 10)
     assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 10
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan as indices, for a split kept on the device.
+
+
+@pytest.mark.parametrize("sample_labels", [False, True])
+@pytest.mark.parametrize("processes, start", [(1, 0), (1, 7), (2, 0), (2, 12)])
+def test_index_batches_select_exactly_the_host_batches(sample_labels, processes, start):
+    """`gather_batch` of each `train_index_iterator` item is the `train_iterator` batch, over epoch
+    ends, per process, from a mid-epoch start, with FER+ label drawing."""
+    split = _split(22, sample_labels=sample_labels, soft=[0.4, 0.3, 0.2, 0.1])
+    kwargs = dict(global_batch_size=4, seed=7, start_step=start, process_index=processes - 1,
+                  process_count=processes)
+    host = _take(input_pipeline.train_iterator(split, **kwargs), 12)
+    indices = _take(input_pipeline.train_index_iterator(split, **kwargs), 12)
+    for batch, index in zip(host, indices, strict=True):
+        assert set(index) == ({"index", "class"} if sample_labels else {"index"})
+        assert all(v.dtype == np.int32 and v.shape == (4 // processes,) for v in index.values())
+        np.testing.assert_array_equal(index["index"], _ids(batch))
+        gathered = input_pipeline.gather_batch(split.images, split.targets, index)
+        _assert_same_batches([gathered], [batch])
+
+
+def test_gather_batch_on_the_device_matches_numpy():
+    import jax
+    import jax.numpy as jnp
+
+    split = _split(10, soft=[0.4, 0.3, 0.2, 0.1])
+    images, targets = jnp.asarray(split.images), jnp.asarray(split.targets)
+    for index in ({"index": np.array([3, 0, 9], np.int32)},
+                  {"index": np.array([3, 0, 9], np.int32), "class": np.array([2, 0, 3], np.int32)}):
+        on_device = jax.jit(input_pipeline.gather_batch)(images, targets, index)
+        _assert_same_batches([jax.device_get(on_device)],
+                             [input_pipeline.gather_batch(split.images, split.targets, index)])
+    np.testing.assert_array_equal(on_device["target"], np.eye(4, dtype=np.float32)[[2, 0, 3]])
+
+
+def test_epoch_plan_is_the_documented_order():
+    targets = np.tile(np.float32([0.5, 0.5, 0.0]), (23, 1))
+    order, classes = input_pipeline.epoch_plan(
+        targets, global_batch_size=6, seed=4, epoch=2, sample_labels=True, process_index=1,
+        process_count=3, first_step=1)
+    permutation = np.random.default_rng([4, 2, 0]).permutation(23)
+    np.testing.assert_array_equal(order, permutation[:18].reshape(3, 6)[1:, 2:4])
+    uniforms = np.random.default_rng([4, 2, 1]).random(23)
+    np.testing.assert_array_equal(classes, (uniforms[order] >= 0.5).astype(np.int32))
+    assert order.dtype == classes.dtype == np.int32
+    _, none = input_pipeline.epoch_plan(targets, global_batch_size=6, seed=4, epoch=2,
+                                        sample_labels=False, process_index=0, process_count=1)
+    assert none is None
+
+
+def test_data_on_device_setting():
+    assert [input_pipeline.data_on_device("auto", b) for b in ("cpu", "gpu", "tpu")] == [False, True, True]
+    assert input_pipeline.data_on_device("on", "cpu") and not input_pipeline.data_on_device("off", "gpu")
+    with pytest.raises(ValueError, match=r"data_on_device='yes': expected one of \['auto', 'on', 'off'\]"):
+        input_pipeline.data_on_device("yes", "gpu")
+
+
+def test_device_memory_problem_compares_with_a_share_of_free_memory():
+    gib = 2**30
+    stats = [None, {"bytes_limit": 140 * gib, "bytes_in_use": 40 * gib}]  # a CPU is not checked
+    assert input_pipeline.device_memory_problem(25 * gib, stats) is None
+    problem = input_pipeline.device_memory_problem(25 * gib + 1, stats)
+    assert problem == ("the training split needs 25600.0 MiB on each device, more than 25% of local "
+                       "device 1's free 102400.0 MiB")
+    assert input_pipeline.device_memory_problem(10**15, [None, {}]) is None

@@ -7,6 +7,7 @@ as a user runs it, and XLA_FLAGS must be set before JAX starts).
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -134,6 +135,7 @@ def test_cli_run_writes_results_checkpoints_and_events(reference_run):
                 "train_images_per_second", "parameters"):
         assert key in results
     assert results["train_images_per_second"] > 0
+    assert results["train_data_on_device"] is False  # data_on_device "auto" is off on a CPU
     assert results["dataset"]["source"] is None  # built-in set: no raw files to fingerprint
     assert results["warnings"] == [] or all("not learning" in w for w in results["warnings"])
     # The run's compiled steps went to the persistent cache (tests/conftest.py points it here).
@@ -150,18 +152,21 @@ def test_cli_run_writes_results_checkpoints_and_events(reference_run):
 @pytest.mark.slow
 def test_eight_simulated_devices_match_one(tmp_path):
     """Same global batch over 1 and 8 devices: same parameters after 3 steps (BN over the global batch),
-    one step per dispatch or the 3 in one (`steps_per_dispatch`)."""
+    one step per dispatch or the 3 in one (`steps_per_dispatch`), and the 3 in one gathered from the
+    split on the devices (whole on each; the indices sharded as the batch is)."""
     out = {}
-    for devices, per_dispatch in ((1, 1), (8, 1), (8, 3)):
-        path = tmp_path / f"params{devices}_{per_dispatch}.npz"
-        subprocess.run([sys.executable, "tests/_train_steps.py", str(path), "3", str(per_dispatch)],
+    for devices, per_dispatch, on_device in ((1, 1, 0), (8, 1, 0), (8, 3, 0), (8, 3, 1)):
+        path = tmp_path / f"params{devices}_{per_dispatch}_{on_device}.npz"
+        subprocess.run([sys.executable, "tests/_train_steps.py", str(path), "3", str(per_dispatch),
+                        str(on_device)],
                        cwd=REPO, env=_env(devices, fast_compile=False), check=True, capture_output=True,
                        timeout=900)
         data = dict(np.load(path))
         assert int(data.pop("__devices")) == devices
-        out[devices, per_dispatch] = data
-    assert_same_params(out[1, 1], out[8, 1], rtol=2e-4, atol=2e-6)
-    assert_same_params(out[8, 1], out[8, 3], rtol=1e-6, atol=1e-7)  # the 3 steps as one scan
+        out[devices, per_dispatch, on_device] = data
+    assert_same_params(out[1, 1, 0], out[8, 1, 0], rtol=2e-4, atol=2e-6)
+    assert_same_params(out[8, 1, 0], out[8, 3, 0], rtol=1e-6, atol=1e-7)  # the 3 steps as one scan
+    assert_same_params(out[8, 3, 0], out[8, 3, 1], rtol=1e-6, atol=1e-7)  # gathered on the devices
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path, data_dir):
@@ -177,13 +182,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_agree(tmp_path, data_dir, reference_run):
-    """jax.distributed on localhost: 2 processes x 1 device, each feeding half of every batch."""
+@pytest.mark.parametrize("data_on_device", ["off", "on"])
+def test_two_processes_train_and_agree(tmp_path, data_dir, reference_run, data_on_device):
+    """jax.distributed on localhost: 2 processes x 1 device, each feeding half of every batch (or
+    half of its indices, into the split each process placed whole on its device)."""
     workdir = str(tmp_path / "two")
     port = _free_port()
     procs = [subprocess.Popen(
         _main_cmd(workdir, data_dir, f"--coordinator_address=localhost:{port}",
-                  "--num_processes=2", f"--process_id={i}"),
+                  "--num_processes=2", f"--process_id={i}", f"--config.data_on_device={data_on_device}"),
         cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -192,6 +199,7 @@ def test_two_processes_train_and_agree(tmp_path, data_dir, reference_run):
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert results["process_count"] == 2 and results["device_count"] == 2
+    assert results["train_data_on_device"] is (data_on_device == "on")
     assert_same_params(final_params(reference_run[0]), final_params(workdir), rtol=1e-3, atol=1e-5)
 
 
@@ -497,17 +505,21 @@ def test_checkpoint_without_ema_still_loads(workdir, tiny_model):
 
 
 def test_steps_per_dispatch_in_the_loop_trains_as_the_reference(tmp_path, data_dir, reference_run):
-    """The CLI with 3 steps per dispatch: 8 steps an epoch run as 3 + 3 + 1 + 1, and logs every 4 steps
-    fall inside a dispatch; same history, checkpoints and parameters as one step at a time. (Sharded
-    over 8 devices: test_eight_simulated_devices_match_one.)"""
+    """The CLI with 3 steps per dispatch from the training split on the device: 8 steps an epoch run
+    as 3 + 3 + 1 + 1, and logs every 4 steps fall inside a dispatch; same history, checkpoints and
+    parameters as one step at a time from host batches. (Sharded over 8 devices:
+    test_eight_simulated_devices_match_one; host batches 3 at a time:
+    test_split_on_the_device_trains_exactly_as_host_batches.)"""
     workdir = str(tmp_path / "chunked")
-    run_main(workdir, data_dir, "--config.steps_per_dispatch=3")
+    proc = run_main(workdir, data_dir, "--config.steps_per_dispatch=3", "--config.data_on_device=on")
+    assert "training split on the device: 256 examples" in proc.stderr
     assert_same_params(final_params(reference_run[0]), final_params(workdir), rtol=1e-6, atol=1e-7)
     with open(os.path.join(reference_run[0], "results.json")) as f:
         reference = json.load(f)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert results["steps"] == 24 and committed_steps(workdir) == [16, 24]
+    assert results["train_data_on_device"] is True
     for want, got in zip(reference["history"], results["history"], strict=True):
         assert want.keys() == got.keys() and want["epoch"] == got["epoch"]
         for key in ("train_loss", "train_accuracy", "validation_loss", "validation_accuracy",
@@ -523,3 +535,112 @@ def test_cross_validation_refuses_the_ema(tmp_path):
     config.ema_decay = 0.999
     with pytest.raises(cli.ConfigError, match=r"config.ema_decay is not supported by cross-validation"):
         crossval.train_folds(config, [0], str(tmp_path), load=lambda *a: pytest.fail("loaded data"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The training split on the device: index batches gathered in the step, in this process on the
+# linear model.
+
+@pytest.fixture(scope="module")
+def feed_trainer():
+    """A Trainer (linear model, flips but no affine augmentation, batch 8) and a 44-example split
+    with soft targets: 5 steps an epoch, 4 examples dropped from each."""
+    import types
+
+    from configs import default
+    from fermsca import train
+
+    config = default.get_config()
+    config.augment.update(shift=0.0, rotation=0.0, zoom=0.0, flip=True)
+    config.optimizer.schedule = "constant"
+    config.optimizer.learning_rate = 0.05
+    config.batch_size = 8
+    trainer = train.Trainer(config, num_classes=4, steps_per_epoch=5, mesh=train.make_mesh(),
+                            model=_Linear())
+    rng = np.random.default_rng(0)
+    targets = rng.random((44, 4)).astype(np.float32)
+    targets /= targets.sum(axis=1, keepdims=True)
+    split = types.SimpleNamespace(images=rng.integers(0, 256, (44, 48, 48, 1), dtype=np.uint8),
+                                  targets=targets, sample_labels=False)
+    return trainer, split
+
+
+def _train_feed(trainer, split, on_device, steps_per_dispatch, start=0, stop=9, state=None):
+    """Steps `start`..`stop` as the loop runs them: host batches (`train_iterator`) or index batches
+    gathered from the split on the device (`train_index_iterator`), `dispatch_sizes` at a time."""
+    from fermsca import input_pipeline, train
+
+    data = trainer.put_train_split(split) if on_device else None
+    batches = input_pipeline.train_index_iterator if on_device else input_pipeline.train_iterator
+    batches = batches(split, global_batch_size=8, seed=3, start_step=start)
+    state = trainer.init_state() if state is None else state
+    for size in train.dispatch_sizes(start, stop, 5, steps_per_dispatch):
+        if size == 1:
+            state, _ = trainer.train(state, next(batches), data)
+        else:
+            state, _ = trainer.train_chunk(state, [next(batches) for _ in range(size)], data)
+    return state
+
+
+@pytest.mark.parametrize("sample_labels", [False, True])
+def test_split_on_the_device_trains_exactly_as_host_batches(feed_trainer, sample_labels):
+    """9 steps over an epoch end: host batches one step per call; on-device gathers one step per
+    call, 3 per call (3 + 1 + 1 + 3 + 1) and resumed from mid-epoch step 4 (1 + 3 + 1). Same
+    parameters, Adam moments, BatchNorm statistics and step, bit for bit; FER+ label drawing too."""
+    trainer, split = feed_trainer
+    split = type(split)(images=split.images, targets=split.targets, sample_labels=sample_labels)
+    host = jax.device_get(_train_feed(trainer, split, False, 1))
+    runs = {"K=1": _train_feed(trainer, split, True, 1), "K=3": _train_feed(trainer, split, True, 3)}
+    first = _train_feed(trainer, split, True, 3, stop=4)
+    runs["resumed"] = _train_feed(trainer, split, True, 3, start=4,
+                                  state=trainer.place(jax.device_get(first)))
+    assert int(host.step) == 9
+    flat_host = jax.tree_util.tree_flatten_with_path(host)[0]
+    for name, state in runs.items():
+        flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+        assert [p for p, _ in flat] == [p for p, _ in flat_host]
+        for (path, a), (_, b) in zip(flat_host, flat, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} {jax.tree_util.keystr(path)}")
+    # The draws matter: hard targets of the same examples train to other weights.
+    other = type(split)(images=split.images, targets=split.targets, sample_labels=not sample_labels)
+    moved = jax.device_get(_train_feed(trainer, other, True, 3))
+    assert not np.allclose(moved.params["Dense_0"]["kernel"], host.params["Dense_0"]["kernel"])
+
+
+def test_a_split_too_large_for_the_device_is_refused_or_left_on_the_host(feed_trainer, monkeypatch,
+                                                                         caplog):
+    """config.data_on_device: "on" fails, naming the field, and "auto" logs and feeds host batches,
+    where the split needs more than a quarter of a device's free memory; "off" never asks."""
+    from fermsca import cli, train
+
+    trainer, split = feed_trainer
+    needed = split.images.nbytes + split.targets.nbytes
+    caplog.set_level(logging.INFO)
+
+    class Device:
+        def __init__(self, free):
+            self.free = free
+
+        def memory_stats(self):
+            return {"bytes_limit": self.free + 1000, "bytes_in_use": 1000}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    config = trainer.config.copy_and_resolve_references()
+    for setting, free, placed in (("on", 4 * needed, True), ("auto", 4 * needed, True),
+                                  ("auto", 4 * needed - 1, False), ("off", 10**12, False)):
+        monkeypatch.setattr(jax, "local_devices", lambda free=free: [Device(10**12), Device(free)])
+        config.data_on_device = setting
+        data = train._device_train_split(config, trainer, split)
+        assert (data is not None) == placed, (setting, free)
+        if placed:
+            np.testing.assert_array_equal(np.asarray(data["image"]), split.images)
+            np.testing.assert_array_equal(np.asarray(data["target"]), split.targets)
+    mib = f"{needed / 2**20:.1f} MiB"  # 0.1
+    assert f"config.data_on_device='auto': the training split needs {mib} on each device, more than " \
+           f"25% of local device 1's free {(4 * needed - 1) / 2**20:.1f} MiB; batches come from the host " \
+           "pipeline" in caplog.text
+    config.data_on_device = "on"
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(4 * needed - 1)])
+    with pytest.raises(cli.ConfigError, match=rf"config.data_on_device='on': the training split needs "
+                                              rf"{mib} .* set it to 'auto' or 'off'"):
+        train._device_train_split(config, trainer, split)
