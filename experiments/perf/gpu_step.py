@@ -3,23 +3,29 @@
 
 For each batch size (128, 1024) and compute dtype (float32, bfloat16) it times `train.Trainer`'s
 train step as the training loop runs it: the paper's FERNet, optimiser, loss and on-device
-augmentation (`--config`, default configs/ferplus.py), fed synthetic FER+-shaped host batches (uint8
-48x48x1 faces, 8 classes; no dataset is read), each batch sent to the device as the loop sends it.
-Each case runs one step per call (`steps_per_dispatch` 1) and K steps per call (`--steps_per_dispatch`,
-default 1,16; `Trainer.train_chunk`, one `lax.scan`). It records the first call (compilation), then img/s over
-`--seconds` after `--warmup` calls (timed with `jax.block_until_ready`), in `--rounds` interleaved
-rounds (median), and the projected training time of `--epochs` epochs of `--train_images` images:
+augmentation (`--config`, default configs/ferplus.py) on a training split of `--train_images`
+synthetic FER+-shaped examples (uint8 48x48x1 noise, 8 classes; no dataset is read), or with `--data
+config` on the config's own training split (e.g. the built-in synthetic faces of configs/default.py).
+Each case runs each feed of `--feeds`, as `config.data_on_device` chooses them:
+  host    the tf.data pipeline gathers every batch on the host (`input_pipeline.train_iterator`) and
+          each call sends the batches' images and targets;
+  device  the split is placed on the device once (`Trainer.put_train_split`), each call sends the
+          batches' int32 indices (`input_pipeline.train_index_iterator`) and the step gathers them;
+each with one step per call (`steps_per_dispatch` 1) and K steps per call (`--steps_per_dispatch`,
+default 1,16; `Trainer.train_chunk`, one `lax.scan`). It records the first call (compilation), then img/s
+over `--seconds` after `--warmup` calls (timed with `jax.block_until_ready`), in `--rounds` interleaved
+rounds (median), and the projected training time of `--epochs` epochs of the split:
 train_images / img/s * epochs (evaluation excluded). A JSON record goes to `--output`
 (default experiments/results/bench/gpu_step_<backend>.json).
 
-On a GPU (sized to finish within 4 minutes on one H200, compilation included: a case that would
-start after `--budget_seconds`, 150 s, is recorded as skipped; not yet timed on a GPU):
+On a GPU (sized to finish within 4 minutes on one H200, compilation included: a feed and K that would
+start after `--budget_seconds`, 150 s, are recorded as skipped; not yet timed on a GPU):
 
     pip install -e '.[cuda]'
     python -m experiments.perf.gpu_step
 
-`--quick` (a tiny model, batch 8, float32, K 1 and 2, short windows; flags given still count) checks
-the script on a CPU in about half a minute, most of it compilation.
+`--quick` (a tiny model, batch 8, float32, K 1 and 2, a split of 256, short windows; flags given still
+count) checks the script on a CPU in about half a minute, most of it compilation.
 """
 
 from __future__ import annotations
@@ -29,24 +35,22 @@ import platform
 import statistics
 import sys
 import time
+import types
 
 import jax
-import numpy as np
 
-from fermsca import bench, cli, config_schema, hostenv, perf, train
+from fermsca import bench, cli, config_schema, datasets, hostenv, input_pipeline, perf, train
 from fermsca.perf import hugepages
 
 FERPLUS_TRAIN_IMAGES = 28709  # FER2013's training set, the images FER+ relabels
 NUM_CLASSES = 8
+FEEDS = ("host", "device")
 
 
-def host_batches(count: int, batch_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """`count` distinct synthetic batches {"image": uint8 [B, 48, 48, 1], "target": one-hot [B, 8]}."""
-    out = []
-    for i in range(count):
-        images, targets = bench.random_batch(batch_size, NUM_CLASSES, seed=seed + i)
-        out.append({"image": images, "target": targets})
-    return out
+def synthetic_split(num_images: int, seed: int = 0) -> types.SimpleNamespace:
+    """A training split of `num_images` uint8 [48, 48, 1] noise images with one-hot targets [8]."""
+    images, targets = bench.random_batch(num_images, NUM_CLASSES, seed=seed)
+    return types.SimpleNamespace(images=images, targets=targets, sample_labels=False)
 
 
 def _timed(call, state, calls: int | None, seconds: float):
@@ -61,41 +65,56 @@ def _timed(call, state, calls: int | None, seconds: float):
     return state, done, time.perf_counter() - start
 
 
-def measure_case(config, batch_size: int, dtype: str, ks: list[int], *, seconds: float, warmup: int,
-                 rounds: int, train_images: int, epochs: int) -> list[dict]:
-    """One Trainer (config at `batch_size`, `dtype`): a record per K in `ks`."""
+def _caller(trainer: train.Trainer, batches, data, k: int):
+    """One call of the loop: the next `k` batches of `batches`, one step or one scan of k."""
+    if k == 1:
+        return lambda s: trainer.train(s, next(batches), data)[0]
+    return lambda s: trainer.train_chunk(s, [next(batches) for _ in range(k)], data)[0]
+
+
+def measure_case(config, split, num_classes: int, batch_size: int, dtype: str, feeds: list[str],
+                 ks: list[int], *, seconds: float, warmup: int, rounds: int, epochs: int,
+                 deadline: float = float("inf")) -> list[dict]:
+    """One Trainer (config at `batch_size`, `dtype`): a record per feed in `feeds` and K in `ks`.
+    A (feed, K) not compiled by `deadline` (`time.perf_counter()`) is recorded as skipped."""
+    if time.perf_counter() > deadline:
+        return [{"batch_size": batch_size, "dtype": dtype, "feed": feed, "steps_per_dispatch": k,
+                 "skipped": "--budget_seconds spent"} for feed in feeds for k in ks]
     config = config.copy_and_resolve_references()
     config.batch_size = batch_size
     config.model.dtype = dtype
-    trainer = train.Trainer(config, NUM_CLASSES, steps_per_epoch=max(1, train_images // batch_size),
+    train_images = len(split.images)
+    trainer = train.Trainer(config, num_classes,
+                            steps_per_epoch=input_pipeline.steps_per_epoch(train_images, batch_size),
                             mesh=train.make_mesh())
-    batches = host_batches(max(ks), batch_size)
     state = trainer.init_state()
-
-    def caller(k):
-        if k == 1:
-            return lambda s: trainer.train(s, batches[0])[0]
-        return lambda s: trainer.train_chunk(s, batches[:k])[0]
-
-    records = {}
-    for k in ks:
-        state, _, compile_s = _timed(caller(k), state, 1, 0)  # compiles, then runs once
-        state, _, _ = _timed(caller(k), state, warmup, 0) if warmup else (state, 0, 0)
-        records[k] = {"steps_per_dispatch": k, "first_call_seconds": compile_s, "rounds": []}
-    for _ in range(rounds):  # interleaved, so a slower stretch of a shared machine hits every K
+    callers, records, skipped = {}, {}, []
+    for feed in feeds:
+        if feed == "device":
+            data, iterator = trainer.put_train_split(split), input_pipeline.train_index_iterator
+        else:
+            data, iterator = None, input_pipeline.train_iterator
+        batches = iterator(split, global_batch_size=batch_size, seed=config.seed)
         for k in ks:
-            state, calls, elapsed = _timed(caller(k), state, None, seconds)
-            records[k]["rounds"].append(calls * k * batch_size / elapsed)
+            case = {"batch_size": batch_size, "dtype": dtype, "feed": feed, "steps_per_dispatch": k}
+            if time.perf_counter() > deadline:
+                skipped.append({**case, "skipped": "--budget_seconds spent"})
+                continue
+            callers[feed, k] = _caller(trainer, batches, data, k)
+            state, _, compile_s = _timed(callers[feed, k], state, 1, 0)  # compiles, then runs once
+            if warmup:
+                state, _, _ = _timed(callers[feed, k], state, warmup, 0)
+            records[feed, k] = {**case, "first_call_seconds": compile_s, "rounds": []}
+    for _ in range(rounds):  # interleaved, so a slower stretch of a shared machine hits every case
+        for (feed, k), call in callers.items():
+            state, calls, elapsed = _timed(call, state, None, seconds)
+            records[feed, k]["rounds"].append(calls * k * batch_size / elapsed)
     out = []
-    for k in ks:
-        img_s = statistics.median(records[k]["rounds"])
-        out.append({
-            "batch_size": batch_size, "dtype": dtype, **records[k],
-            "images_per_second": img_s,
-            "step_ms": 1000 * batch_size / img_s,
-            "projected_hours": train_images / img_s * epochs / 3600,
-        })
-    return out
+    for record in records.values():
+        img_s = statistics.median(record["rounds"])
+        out.append({**record, "images_per_second": img_s, "step_ms": 1000 * batch_size / img_s,
+                    "projected_hours": train_images / img_s * epochs / 3600})
+    return out + skipped
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -105,10 +124,15 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_sizes", default="128,1024")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps_per_dispatch", default="1,16", help="the K to compare")
+    parser.add_argument("--feeds", default=",".join(FEEDS),
+                        help="host (tf.data batches) and/or device (the split on the device, indices)")
+    parser.add_argument("--data", choices=("random", "config"), default="random",
+                        help="random: --train_images noise images; config: the config's training split")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing window per K and round")
     parser.add_argument("--warmup", type=int, default=2, help="calls after the first, not timed")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--train_images", type=int, default=FERPLUS_TRAIN_IMAGES)
+    parser.add_argument("--train_images", type=int, default=FERPLUS_TRAIN_IMAGES,
+                        help="size of the --data random split")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--budget_seconds", type=float, default=150.0,
                         help="start no new case after this long (the rest are recorded as skipped)")
@@ -134,6 +158,9 @@ def run(argv: list[str] | None = None) -> dict:
                               ) from None
     if min(batch_sizes) < 1 or min(ks) < 1:
         raise cli.ConfigError("--batch_sizes and --steps_per_dispatch must be positive")
+    feeds = args.feeds.split(",")
+    if not feeds or not set(feeds) <= set(FEEDS):
+        raise cli.ConfigError(f"--feeds {args.feeds}: host and/or device")
     dtypes = args.dtypes.split(",")
     if not set(dtypes) <= {"float32", "bfloat16"}:
         raise cli.ConfigError(f"--dtypes {args.dtypes}: float32 and/or bfloat16")
@@ -142,23 +169,29 @@ def run(argv: list[str] | None = None) -> dict:
         config.model.stem_width, config.model.widths = 8, (8,)
     for b in batch_sizes:
         config_schema.check_batch_size("batch_size", b, jax.device_count(), jax.process_count())
+    if args.data == "config":
+        data = datasets.load(config.dataset, required=("train",))
+        split, num_classes = data.splits["train"], len(data.class_names)
+    else:
+        split, num_classes = synthetic_split(args.train_images), NUM_CLASSES
+    train_images = len(split.images)
 
     device = jax.devices()[0]
     results = []
     for batch_size in batch_sizes:
         for dtype in dtypes:
-            if time.perf_counter() - started > args.budget_seconds:
-                results.append({"batch_size": batch_size, "dtype": dtype,
-                                "skipped": f"--budget_seconds {args.budget_seconds} spent"})
-                continue
-            for r in measure_case(config, batch_size, dtype, ks, seconds=args.seconds,
-                                  warmup=args.warmup, rounds=args.rounds,
-                                  train_images=args.train_images, epochs=args.epochs):
+            for r in measure_case(config, split, num_classes, batch_size, dtype, feeds, ks,
+                                  seconds=args.seconds, warmup=args.warmup, rounds=args.rounds,
+                                  epochs=args.epochs, deadline=started + args.budget_seconds):
                 results.append(r)
-                print(f"batch {r['batch_size']:5d} {r['dtype']:8s} K={r['steps_per_dispatch']:<3d} "
-                      f"{r['images_per_second']:10.1f} img/s  {r['step_ms']:8.2f} ms/step  "
+                head = (f"batch {r['batch_size']:5d} {r['dtype']:8s} {r['feed']:6s} "
+                        f"K={r['steps_per_dispatch']:<3d}")
+                if "skipped" in r:
+                    print(f"{head} skipped: {r['skipped']}", flush=True)
+                    continue
+                print(f"{head} {r['images_per_second']:10.1f} img/s  {r['step_ms']:8.2f} ms/step  "
                       f"first call {r['first_call_seconds']:6.1f} s  -> {args.epochs} epochs of "
-                      f"{args.train_images} images: {r['projected_hours']:.2f} h", flush=True)
+                      f"{train_images} images: {r['projected_hours']:.2f} h", flush=True)
     record = {
         "command": "python -m experiments.perf.gpu_step " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": args.config,
@@ -171,7 +204,8 @@ def run(argv: list[str] | None = None) -> dict:
         "cpu": bench.cpu_model(),
         "host": {"machine": platform.machine(), "python": platform.python_version()},
         "jax": jax.__version__,
-        "train_images": args.train_images,
+        "data": args.data if args.data == "random" else f"config ({config.dataset.name} train split)",
+        "train_images": train_images,
         "epochs": args.epochs,
         "seconds_per_window": args.seconds,
         "rounds": args.rounds,
