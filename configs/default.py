@@ -19,10 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.builder_config = "ckplus48"  # CK+: official | ckplus48
     c.dataset.frames_per_sequence = 3  # CK+ official: last K frames of each labelled sequence
     c.dataset.allow_center_crop = False  # CK+ official: centre crop where no face is found
-    c.dataset.protocol = "kfold"  # CK+: kfold (subject-independent) | random (image-level)
+    c.dataset.protocol = "kfold"  # CK+ k-fold cross-validation: kfold (by subject) | random (by image)
     c.dataset.num_folds = 10
     c.dataset.fold = 0
-    c.dataset.test_fraction = 0.1
     c.dataset.split_seed = 0
     c.dataset.rebuild = False  # rebuild the stored TFDS set from manual_dir (e.g. after relabelling)
     c.dataset.train_subset = 0  # > 0: train on the first N training examples only (quick runs)

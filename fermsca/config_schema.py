@@ -87,7 +87,6 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "dataset.protocol": _one_of("kfold", "random"),
     "dataset.num_folds": _at_least(3),
     "dataset.fold": _at_least(0),
-    "dataset.test_fraction": lambda v: _fraction(v) or (None if 0 < v < 0.5 else "must be in (0, 0.5)"),
     "dataset.split_seed": _at_least(0),
     "dataset.rebuild": _bool,
     "dataset.train_subset": _at_least(0),

@@ -41,9 +41,12 @@ DEFAULT_TTA_SHIFT = 2  # pixels: training shifts by up to 5% of 48, about 2.4
 # The released FER+ weights (README, "Released weights"), package data of fermsca.
 RELEASED_FERPLUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "released", "ferplus")
 # Config fields that older checkpoints hold and this version no longer has, with the value under
-# which the code that remains computes the same thing. Any other value cannot be honoured.
+# which the code that remains computes the same thing (any other value cannot be honoured), or
+# ANY_VALUE for fields that never touched the model.
+ANY_VALUE = object()
 REMOVED_FIELDS = {
     "model.fuse_projection": False,  # one wider convolution for 1x1 branch + projection (speed)
+    "dataset.test_fraction": ANY_VALUE,  # CK+'s old random split; `random` is now image-level k-fold
 }
 
 
@@ -127,7 +130,7 @@ def upgrade_config(config: ml_collections.ConfigDict, where: str) -> ml_collecti
             parent = parent.get(section) if isinstance(parent, ml_collections.ConfigDict) else None
         if not isinstance(parent, ml_collections.ConfigDict) or field not in parent:
             continue
-        if parent[field] != value:
+        if value is not ANY_VALUE and parent[field] != value:
             raise checkpoint.CheckpointError(
                 f"{where}/meta: config.{name}={parent[field]!r}, an option this version of fermsca "
                 f"no longer has (only {value!r} is supported); load it with the version that "

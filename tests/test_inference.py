@@ -211,6 +211,10 @@ def test_old_checkpoints_load_without_removed_fields_at_their_old_default(tmp_pa
     loaded = inference.load(save_with_model_field(tmp_path, "fuse_projection", False))
     assert "fuse_projection" not in loaded.config.model
     assert tuple(loaded.config.model.widths) == (8, 16, 16)
+    old = tiny_run.tiny_config()
+    with old.dataset.unlocked():
+        old.dataset.test_fraction = 0.25  # a data field: any value is dropped
+    assert "test_fraction" not in inference.upgrade_config(old, "runs/x/3").dataset
 
 
 def test_removed_fields_with_another_value_are_refused_by_name():
