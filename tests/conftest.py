@@ -4,6 +4,8 @@ tests start as subprocesses (they compile the same tiny steps again and again).
 The cache is new for every test run, so no test depends on what an earlier run left behind.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -59,3 +61,19 @@ def face_clip(tmp_path_factory):
 
     path = str(tmp_path_factory.mktemp("clip") / "clip.mp4")
     return path, fixtures.write_face_clip(path)
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """`with built_once(tmp_path_factory, name) as (path, build):` gives a folder shared by every
+    pytest-xdist worker of this test run; `build` is True for the one worker that must fill it
+    (the others wait for it). A costly session fixture is then made once per run, not per worker."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, above the workers' own
+    path = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = base / f"{name}.done"
+        yield path, not done.exists()
+        done.touch()

@@ -17,6 +17,7 @@ def test_synthetic_split_is_ferplus_shaped():
     assert not split.sample_labels and (split.images[0] != split.images[1]).any()
 
 
+@pytest.mark.slow  # compiles the step for both feeds (about 30 s)
 def test_quick_run_writes_the_projection(tmp_path):
     out = tmp_path / "step.json"
     gpu_step.run(["--quick", "--steps_per_dispatch", "2", "--epochs", "10", "--output", str(out)])

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -110,10 +111,17 @@ def wait_for(predicate, proc, timeout=900):
 
 @pytest.fixture(scope="session")
 def reference_run(data_dir, tmp_path_factory):
-    """One uninterrupted tiny run: 3 epochs of 8 steps."""
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    proc = run_main(workdir, data_dir)
-    return workdir, proc
+    """One uninterrupted tiny run, 3 epochs of 8 steps, made once per test run: (workdir, the
+    process's stdout and stderr)."""
+    from conftest import built_once
+
+    with built_once(tmp_path_factory, "reference_run") as (path, build):
+        if build:
+            proc = run_main(str(path / "workdir"), data_dir)
+            (path / "stdout").write_text(proc.stdout)
+            (path / "stderr").write_text(proc.stderr)
+    output = types.SimpleNamespace(stdout=(path / "stdout").read_text(), stderr=(path / "stderr").read_text())
+    return str(path / "workdir"), output
 
 
 def test_cli_run_writes_results_checkpoints_and_events(reference_run):
@@ -219,6 +227,7 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path, data_dir, reference_ru
     assert_same_params(final_params(reference_run[0]), final_params(workdir))
 
 
+@pytest.mark.slow  # two CLI runs (about 30 s); tests/test_cli.py maps Preempted to status 75 in the suite
 def test_sigterm_saves_and_resumes(tmp_path, data_dir, reference_run):
     workdir = str(tmp_path / "preempted")
     proc = subprocess.Popen(_main_cmd(workdir, data_dir, "--config.num_epochs=3"), cwd=REPO,
@@ -504,6 +513,7 @@ def test_checkpoint_without_ema_still_loads(workdir, tiny_model):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # a CLI run (about 30 s); the step-level equality tests above are in the suite
 def test_steps_per_dispatch_in_the_loop_trains_as_the_reference(tmp_path, data_dir, reference_run):
     """The CLI with 3 steps per dispatch from the training split on the device: 8 steps an epoch run
     as 3 + 3 + 1 + 1, and logs every 4 steps fall inside a dispatch; same history, checkpoints and
