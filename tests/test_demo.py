@@ -1,5 +1,6 @@
-"""The webcam demo end to end: a real FER+ face as a fake camera in headless Chromium, the page's box,
-crop and probabilities against `fermsca.faces` and the JAX model on the very frame the page saw.
+"""The webcam demo end to end: a face (a real FER+ one where the shared data is present, else one drawn
+by the synthetic set) as a fake camera in headless Chromium, the page's box, crop and probabilities
+against `fermsca.faces` and the JAX model on the very frame the page saw.
 
 Chromium is driven over the DevTools protocol on a pipe (`demo.Chromium`), so the test needs no driver
 package. A screenshot of the page (PNG in the test's tmp_path) is kept once the box and label are checked.
@@ -15,7 +16,7 @@ import cv2
 import haar_margin
 import numpy as np
 import pytest
-from test_faces import iou, read_ferplus_faces
+from test_faces import FERPLUS_TARBALL, iou, read_ferplus_faces
 
 from fermsca import demo, export, faces, inference
 
@@ -46,9 +47,19 @@ def decode(text: str, shape) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), np.uint8).reshape(shape)
 
 
+def candidate_faces(count: int = 24) -> list[np.ndarray]:
+    """Real FER+ faces from the shared data, or where it is absent (a fresh clone, CI) faces drawn
+    by the synthetic set, so that the browser test runs wherever Chromium does."""
+    if os.path.isfile(FERPLUS_TARBALL):
+        return read_ferplus_faces(count)
+    from fermsca.datasets import synthetic_faces
+
+    return [synthetic_faces.draw_face(i % 8, np.random.default_rng(i)) for i in range(count)]
+
+
 @pytest.fixture(scope="module")
 def face_frame():
-    clear = haar_margin.clear_faces(read_ferplus_faces(24), render, count=1, draws=1,
+    clear = haar_margin.clear_faces(candidate_faces(), render, count=1, draws=1,
                                     where=(PASTE_X, PASTE_Y, PASTE_SIDE, PASTE_SIDE), min_iou=0.7)
     assert clear, "no face of the sample is found with a clear margin"
     return render(clear[0])
