@@ -26,9 +26,15 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(workdir, tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp("export"))
-    result = export.export(workdir, outdir, export.FORMATS)
-    return outdir, result
+    """The export of `workdir` in every format, made once per test run (the workers' `workdir`s
+    hold the same weights): (outdir, its export.json)."""
+    from conftest import built_once
+
+    with built_once(tmp_path_factory, "export_all_formats") as (path, build):
+        if build:
+            export.export(workdir, str(path), export.FORMATS)
+    with open(path / "export.json") as f:
+        return str(path), json.load(f)
 
 
 def fresh_inputs():
