@@ -57,6 +57,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def avx512() -> bool | None:
+    """Whether /proc/cpuinfo lists AVX-512 (avx512f); None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return None
+
+
 def write_json(path: str, record: dict) -> None:
     """Writes a benchmark record, creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

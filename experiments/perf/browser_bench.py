@@ -155,15 +155,6 @@ def loop_bound(frames_per_second: float, camera_fps: float, step_ms: float) -> d
             "busy_fraction": round(frames_per_second * step_ms / 1e3, 3)}
 
 
-def avx512() -> bool | None:
-    """Whether /proc/cpuinfo lists AVX-512 (avx512f); None where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return None
-
-
 def package_version(name: str) -> str:
     with open(os.path.join(demo.WEB_DIR, "node_modules", name, "package.json")) as f:
         return json.load(f)["version"]
@@ -262,7 +253,7 @@ def main(argv):
         "onnxruntime_web": package_version("onnxruntime-web"),
         "opencv_js": package_version("@techstark/opencv-js"),
         "chromium_flags": list(demo.CHROMIUM_FLAGS),
-        "cpu": bench.cpu_model(), "cpu_count": os.cpu_count(), "avx512": avx512(),
+        "cpu": bench.cpu_model(), "cpu_count": os.cpu_count(), "avx512": bench.avx512(),
         "load_average_start_end": [round(load_begin[0], 2), round(os.getloadavg()[0], 2)],
         "notes": "Headless Chromium, software rendering (--disable-gpu). The 2 CPU cores were shared "
                  "during the run with a niced (low-priority) background training job and with other "

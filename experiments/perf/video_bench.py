@@ -185,15 +185,6 @@ def components(classifier, path: str, frames: int = 100) -> dict:
             "model_ms_per_face_batch_64": round(classify_ms, 3), "frames_timed": len(gray)}
 
 
-def avx512() -> bool | None:
-    """Whether /proc/cpuinfo lists AVX-512 (avx512f); None where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return None
-
-
 def main(argv):
     del argv
     hostenv.enable_compilation_cache(hostenv.default_compilation_cache())
@@ -230,7 +221,7 @@ def main(argv):
                                                else ""),
         "runs": runs,
         "components": parts,
-        "cpu": bench.cpu_model(), "cpu_count": os.cpu_count(), "avx512": avx512(),
+        "cpu": bench.cpu_model(), "cpu_count": os.cpu_count(), "avx512": bench.avx512(),
         "load_average_start_end": [round(load_begin[0], 2), round(os.getloadavg()[0], 2)],
         "notes": "The 2 CPU cores were shared during the run with a low-priority background "
                  "training job (the CK+ cross-validation study) and with other processes (test "
