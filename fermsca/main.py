@@ -56,6 +56,9 @@ def _train(argv) -> int:
     # The config's own errors first, before TensorFlow is imported and any data is built; the
     # device-dependent checks (batch sizes against the mesh) run again in train.train_and_evaluate.
     config_schema.validate(FLAGS.config)
+    manual_dir = FLAGS.config.dataset.manual_dir
+    if manual_dir and not os.path.isdir(manual_dir):  # the builders check it too, seconds later
+        raise NotADirectoryError(f"{os.path.abspath(manual_dir)}: manual_dir is not a folder")
 
     import jax
 

@@ -65,6 +65,7 @@ def face_frame():
     return render(clear[0])
 
 
+@pytest.mark.slow  # Chromium end to end (about 25-30 s of two cores); CI runs it after the suite
 def test_page_finds_and_classifies_the_face_like_python(face_frame, tmp_path, record_property):
     if not os.access(demo.CHROMIUM, os.X_OK):
         pytest.skip(f"{demo.CHROMIUM} not found: apt-get install chromium")

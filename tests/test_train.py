@@ -278,6 +278,7 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, data_dir, reference
         in proc.stderr
 
 
+@pytest.mark.slow  # a CLI run; the step's guard and the loop's stop are tested in this process below
 def test_nan_loss_stops_the_run(tmp_path, data_dir):
     workdir = str(tmp_path / "nan")
     proc = run_main(workdir, data_dir, "--config.optimizer.schedule=constant",
@@ -337,6 +338,40 @@ def test_label_smoothing_trains_on_smoothed_targets():
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(smoothed.params),
                                                       jax.tree.leaves(plain.params), strict=True))
     assert m1.compute()["accuracy"] == m2.compute()["accuracy"]  # labels: the argmax of the targets
+
+
+def test_a_non_finite_step_is_counted_and_changes_nothing():
+    """The step's guard: a NaN loss (here from one NaN target) leaves step, weights, BatchNorm
+    statistics and optimiser state as they were, and counts itself in the `nonfinite` metric."""
+    step, _, state, batch = _step_setup()
+    target = batch["target"].copy()
+    target[0, 0] = np.nan
+    after, metrics = step({**batch, "target": target})
+    assert float(metrics.compute()["nonfinite"]) == 1.0
+    assert int(after.step) == int(state.step) == 0
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, finite = step(batch)
+    assert float(finite.compute()["nonfinite"]) == 0.0
+
+
+def test_the_loop_stops_on_a_non_finite_step_and_names_the_last_good_checkpoint():
+    from fermsca import train
+
+    class Checkpoints:  # the part of checkpoint.RunCheckpoints that the check reads
+        waited = False
+        latest = types.SimpleNamespace(latest_step=lambda: 16, directory="/run/checkpoints")
+
+        def wait(self):
+            self.waited = True
+
+    ckpts = Checkpoints()
+    train._check_finite({"nonfinite": 0.0, "loss": 0.5}, 20, ckpts)
+    for computed in ({"nonfinite": 1.0, "loss": 0.5}, {"nonfinite": 0.0, "loss": float("nan")}):
+        with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradient before step 20; "
+                           r"the run is stopped\. Last good checkpoint: step 16 in /run/checkpoints"):
+            train._check_finite(computed, 20, ckpts)
+    assert ckpts.waited  # the last checkpoint is on disk before the error is raised
 
 
 def test_mixup_in_the_train_step_changes_the_update_and_keeps_it_finite():
