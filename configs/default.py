@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.builder_config = "ckplus48"  # CK+: official | ckplus48
     c.dataset.frames_per_sequence = 3  # CK+ official: last K frames of each labelled sequence
     c.dataset.allow_center_crop = False  # CK+ official: centre crop where no face is found
-    c.dataset.protocol = "kfold"  # CK+ k-fold cross-validation: kfold (by subject) | random (by image)
+    c.dataset.protocol = "kfold"  # CK+: kfold (by subject) | random (by image) | all (train on all)
     c.dataset.num_folds = 10
     c.dataset.fold = 0
     c.dataset.split_seed = 0

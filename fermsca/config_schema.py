@@ -84,7 +84,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "dataset.builder_config": _one_of("official", "ckplus48"),
     "dataset.frames_per_sequence": _at_least(1),
     "dataset.allow_center_crop": _bool,
-    "dataset.protocol": _one_of("kfold", "random"),
+    "dataset.protocol": _one_of("kfold", "random", "all"),
     "dataset.num_folds": _at_least(3),
     "dataset.fold": _at_least(0),
     "dataset.split_seed": _at_least(0),
@@ -170,6 +170,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1, process_c
         problem = check(fields[name])
         if problem:
             raise ConfigError(f"config.{name}={fields[name]!r}: {problem}")
+    if config.dataset.protocol != "kfold" and config.dataset.name != "ckplus":
+        raise ConfigError(f"config.dataset.protocol={config.dataset.protocol!r}: CK+ only; "
+                          f"{config.dataset.name} has its own splits")
     if config.dataset.fold >= config.dataset.num_folds:
         raise ConfigError(f"config.dataset.fold={config.dataset.fold}: must be below "
                           f"config.dataset.num_folds={config.dataset.num_folds}")

@@ -393,6 +393,9 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
     if jax.process_count() != 1:
         raise ValueError("crossval.train_folds runs in one process (the folds share its device)")
     config_schema.validate(config)
+    if config.dataset.protocol == "all":
+        raise cli.ConfigError("config.dataset.protocol='all' has no test folds to cross-validate; "
+                              "use 'kfold' or 'random' (and 'all' with fermsca.main for a final model)")
     if config.dataset.train_subset:
         raise cli.ConfigError("config.dataset.train_subset is not supported by cross-validation")
     if config.class_weighting:

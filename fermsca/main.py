@@ -75,7 +75,7 @@ def _train(argv) -> int:
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
 
-    from fermsca import train
+    from fermsca import run_record, train
 
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
@@ -87,10 +87,7 @@ def _train(argv) -> int:
         raise cli.Preempted(f"pre-empted at step {results['step']}: a checkpoint was saved; rerun "
                             f"with --workdir {FLAGS.workdir} to resume")
     if jax.process_index() == 0:
-        best = results["evaluations"].get("best", results["evaluations"]["last"])
-        print(f"{results['evaluated_split']} accuracy {best['accuracy']:.4f} "
-              f"(macro F1 {best['macro_f1']:.4f}) -> "
-              f"{os.path.join(FLAGS.workdir, 'results.json')}")
+        print(run_record.summary_line(results, os.path.join(FLAGS.workdir, "results.json")))
     return 0
 
 

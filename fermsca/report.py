@@ -77,6 +77,8 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], path: str) -> N
     epochs = [h["epoch"] for h in history]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for split, style in (("train", "-"), ("validation", "--")):
+        if any(h[f"{split}_accuracy"] is None for h in history):  # no validation split
+            continue
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], style, label=split)
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")

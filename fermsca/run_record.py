@@ -78,18 +78,21 @@ def hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float |
             for name, value in config_schema.flatten(config).items()}
 
 
-def epoch_row(epoch: float, train: dict, validation: dict, learning_rate: float) -> dict:
-    """One row of the run's history (results.json "history", the curves of Fig. 6)."""
+def epoch_row(epoch: float, train: dict, validation: dict | None, learning_rate: float) -> dict:
+    """One row of the run's history (results.json "history", the curves of Fig. 6); validation
+    None (no validation split): its fields are None."""
     return {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            "validation_loss": validation["loss"], "validation_accuracy": validation["accuracy"],
+            "validation_loss": None if validation is None else validation["loss"],
+            "validation_accuracy": None if validation is None else validation["accuracy"],
             "learning_rate": learning_rate}
 
 
-def stall_warning(history: list[dict], confusion: np.ndarray, class_names) -> str | None:
+def stall_warning(history: list[dict], confusion: np.ndarray | None, class_names) -> str | None:
     """A warning when training has stopped learning: every validation image predicted as one
-    class, or the epoch's training loss unchanged from the previous epoch's (e.g. a learning rate
-    so high that every unit died). None when neither holds."""
-    predicted = np.flatnonzero(np.asarray(confusion).sum(axis=0))
+    class (`confusion`, the validation confusion matrix; None without one), or the epoch's training
+    loss unchanged from the previous epoch's (e.g. a learning rate so high that every unit died).
+    None when neither holds."""
+    predicted = [] if confusion is None else np.flatnonzero(np.asarray(confusion).sum(axis=0))
     epoch = history[-1]["epoch"]
     if len(predicted) == 1 and np.asarray(confusion).sum() > 1:
         return (f"epoch {epoch:g}: every validation image is predicted as "
@@ -111,12 +114,14 @@ def evaluation(result: dict, class_names: Sequence[str], step: int, steps_per_ep
     return summary
 
 
-def results(config: ml_collections.ConfigDict, data: Any, evaluated_split: str,
+def results(config: ml_collections.ConfigDict, data: Any, evaluated_split: str | None,
             evaluations: dict[str, dict], history: list[dict], num_steps: int,
             steps_per_epoch: int, parameters: int) -> dict:
     """The results.json record of a completed run, less what only the loop knows at its end
     (status, warnings, wall time, throughput). `evaluations`: {"best"?, "last"} (`evaluation`);
-    the headline accuracy is the best checkpoint's, the last one's without a best."""
+    the headline accuracy is the best checkpoint's, the last one's without a best; with nothing
+    evaluated (`evaluated_split` None: every image in train) it is None."""
+    headline = evaluations.get("best", evaluations.get("last"))
     return {
         "config": json.loads(config.to_json()),
         "dataset": {
@@ -128,9 +133,9 @@ def results(config: ml_collections.ConfigDict, data: Any, evaluated_split: str,
         },
         "evaluated_split": evaluated_split,
         "evaluations": evaluations,
-        "accuracy": evaluations.get("best", evaluations["last"])["accuracy"],
-        "best_validation_accuracy": max((h["validation_accuracy"] for h in history),
-                                        default=None),
+        "accuracy": None if headline is None else headline["accuracy"],
+        "best_validation_accuracy": max((h["validation_accuracy"] for h in history
+                                         if h["validation_accuracy"] is not None), default=None),
         "epochs": num_steps / steps_per_epoch,
         "steps": num_steps,
         "history": history,
@@ -160,3 +165,15 @@ def write_results(workdir: str, record: dict) -> str:
         json.dump(record, f, indent=2)
     logging.info("wrote %s", path)
     return path
+
+
+def summary_line(results: dict, path: str) -> str:
+    """The line a completed run prints (`python -m fermsca.main`): its headline accuracy, or, trained
+    on every image, that nothing was held out."""
+    if not results["evaluations"]:
+        return (f"trained on every image (no validation or test split), last epoch's train accuracy "
+                f"{results['history'][-1]['train_accuracy']:.4f} -> {path}")
+    best = results["evaluations"].get("best", results["evaluations"]["last"])
+    return (f"{results['evaluated_split']} accuracy {best['accuracy']:.4f} (macro F1 "
+            f"{best['macro_f1']:.4f}) -> {path}")
+

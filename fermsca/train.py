@@ -407,7 +407,9 @@ class _StepMetrics:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains, validates every epoch, checkpoints, and writes results.json and figures to `workdir`.
 
-    Returns the results dict ("status" is "completed" or "preempted").
+    Returns the results dict ("status" is "completed" or "preempted"). A dataset without a
+    validation split (CK+ `protocol="all"`, every image in train) trains without validation or a
+    best checkpoint, and nothing is evaluated at the end ("evaluated_split" None).
     """
     start_time = time.time()
     config_schema.validate(config, jax.device_count(), jax.process_count())
@@ -416,7 +418,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_chief = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
-    data = datasets.load(config.dataset, required=("train", "validation"))
+    train_on_all = config.dataset.name == "ckplus" and config.dataset.protocol == "all"
+    data = datasets.load(config.dataset, required=("train",) if train_on_all else ("train", "validation"))
+    validation = data.splits.get("validation")
     logging.info("dataset %s:\n%s", data.name, datasets.describe(data))
     train_split = data.splits["train"]
     num_train = len(train_split.images)
@@ -517,23 +521,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     epoch = step / steps_per_epoch
                     train_epoch = epoch_metrics.compute()
                     epoch_metrics = _StepMetrics()
-                    val = trainer.evaluate(state, data.splits["validation"], config.eval_batch_size)
-                    writer.write_scalars(step, {"validation_loss": val["loss"],
-                                                "validation_accuracy": val["accuracy"]})
+                    val = None
+                    if validation is not None:
+                        val = trainer.evaluate(state, validation, config.eval_batch_size)
+                        writer.write_scalars(step, {"validation_loss": val["loss"],
+                                                    "validation_accuracy": val["accuracy"]})
                     history.append(run_record.epoch_row(round(epoch, 4), train_epoch, val,
                                                         float(trainer.schedule(step - 1))))
-                    logging.info("epoch %.2f: train loss %.4f acc %.4f | validation loss %.4f acc "
-                                 "%.4f", epoch, train_epoch["loss"], train_epoch["accuracy"],
-                                 val["loss"], val["accuracy"])
-                    stalled = run_record.stall_warning(history, val["confusion_matrix"],
-                                                       data.class_names)
+                    logging.info("epoch %.2f: train loss %.4f acc %.4f | %s", epoch,
+                                 train_epoch["loss"], train_epoch["accuracy"],
+                                 "no validation split" if val is None else
+                                 f"validation loss {val['loss']:.4f} acc {val['accuracy']:.4f}")
+                    stalled = run_record.stall_warning(
+                        history, None if val is None else val["confusion_matrix"], data.class_names)
                     if stalled:
                         logging.warning("%s", stalled)
                         if stalled not in warnings:
                             warnings.append(stalled)
                     epoch_index = step // steps_per_epoch
                     if done or epoch_index % config.checkpoint_every_epochs == 0:
-                        save(step, epoch, val["accuracy"])
+                        save(step, epoch, None if val is None else val["accuracy"])
                     timer.resume()
                 elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                     save(step, step / steps_per_epoch, None)
@@ -611,8 +618,11 @@ def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -
 def _evaluate_checkpoints(config, data, trainer: Trainer, state, ckpts, steps_per_epoch
                           ) -> tuple[str, dict[str, dict]]:
     """Evaluates the best and last checkpoints on test (validation if there is no test split, or
-    with `config.evaluate_test` off); returns that split's name and {"best"?, "last": evaluation}."""
+    with `config.evaluate_test` off); returns that split's name and {"best"?, "last": evaluation},
+    or (None, {}) when there is neither (every image in train)."""
     eval_name = "test" if ("test" in data.splits and config.evaluate_test) else "validation"
+    if eval_name not in data.splits:
+        return None, {}
     eval_split = data.splits[eval_name]
     candidates = [("last", state)]
     best = ckpts.restore_best(trainer.abstract_state())

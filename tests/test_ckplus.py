@@ -136,6 +136,15 @@ def test_ckplus48_kfold(ckplus48_dir, tmp_path_factory):
     assert len(names) == 24 and all(n.endswith("00000010.png") for n in names)
     assert len(last_only.splits["test"].file_names) == len(last_only.splits["validation"].file_names) == 6
 
+    every = datasets.load(_config(ckplus48_dir, data_dir, builder_config="ckplus48", protocol="all"),
+                          required=("train",))
+    assert set(every.splits) == {"train"}
+    assert sorted(every.splits["train"].file_names) == sorted(np.concatenate(
+        [p.file_names for p in data.splits.values()]))
+    with pytest.raises(datasets.DataError, match="protocol 'all' puts every image in train; there is "
+                       "no validation split"):
+        datasets.load(_config(ckplus48_dir, data_dir, builder_config="ckplus48", protocol="all"))
+
 
 @pytest.mark.parametrize(
     "make, message",

@@ -72,3 +72,4 @@ def test_main_refuses_a_repeated_override(tmp_path):
     proc = _main(tmp_path, "--config.model.widths=(8,8)", "--config.model.widths=(8,8)")
     assert proc.returncode != 0
     assert "--config.model.widths given more than once" in proc.stderr
+

@@ -48,6 +48,10 @@ def _with(**fields):
     ({"optimizer__learning_rate": 0.0}, r"config.optimizer.learning_rate=0.0: must be > 0"),
     ({"optimizer__values": (1e-3, 1e-4)}, r"values has 2 entries and boundary_epochs 0"),
     ({"dataset__fold": 10}, r"config.dataset.fold=10: must be below config.dataset.num_folds=10"),
+    ({"dataset__protocol": "all"}, r"config.dataset.protocol='all': CK\+ only; synthetic_faces has its "
+     r"own splits"),
+    ({"dataset__protocol": "leave_one_out"}, r"config.dataset.protocol='leave_one_out': expected one of "
+     r"\['kfold', 'random', 'all'\]"),
     ({"optimiser": 3}, r"unknown config field\(s\): config.optimiser"),
     ({"label_smoothing": 1.0}, r"config.label_smoothing=1.0: must be in \[0, 1\)"),
     ({"class_weighting": -1.0}, r"config.class_weighting=-1.0: must be >= 0"),

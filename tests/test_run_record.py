@@ -48,12 +48,18 @@ def test_stall_warning():
     flat = [{"epoch": 1, "train_loss": -0.125}, {"epoch": 2, "train_loss": -0.125}]
     assert "the training loss stopped moving (-0.125" in run_record.stall_warning(flat, learning, names)
     assert run_record.stall_warning(flat[:1], learning, names) is None
+    # Without a validation split (every image in train) only the training loss is watched.
+    assert run_record.stall_warning(history, None, names) is None
+    assert "stopped moving" in run_record.stall_warning(flat, None, names)
 
 
 def test_epoch_row():
     row = run_record.epoch_row(0.5, {"loss": 1.0, "accuracy": 0.25}, {"loss": 2.0, "accuracy": 0.5}, 0.1)
     assert row == {"epoch": 0.5, "train_loss": 1.0, "train_accuracy": 0.25, "validation_loss": 2.0,
                    "validation_accuracy": 0.5, "learning_rate": 0.1}
+    assert run_record.epoch_row(1.0, {"loss": 1.0, "accuracy": 0.25}, None, 0.1) == {
+        "epoch": 1.0, "train_loss": 1.0, "train_accuracy": 0.25, "validation_loss": None,
+        "validation_accuracy": None, "learning_rate": 0.1}
 
 
 def test_hparams_name_every_field_and_write_non_scalars_as_text():
@@ -104,9 +110,28 @@ def test_results_record():
     without_best = run_record.results(config, _data(), "validation", {"last": last}, [], 12, 4, 1234)
     assert without_best["accuracy"] == 2 / 3 and without_best["best_validation_accuracy"] is None
 
+    train_only = [run_record.epoch_row(1.0, {"loss": -0.2, "accuracy": 0.5}, None, 1e-3)]
+    nothing_held_out = run_record.results(config, _data(), None, {}, train_only, 4, 4, 1234)
+    assert nothing_held_out["evaluated_split"] is None and nothing_held_out["evaluations"] == {}
+    assert nothing_held_out["accuracy"] is None and nothing_held_out["best_validation_accuracy"] is None
+
 
 def test_write_results(tmp_path):
     path = run_record.write_results(str(tmp_path), {"status": "completed", "accuracy": 0.5})
     assert path == str(tmp_path / "results.json")
     with open(path) as f:
         assert json.load(f) == {"status": "completed", "accuracy": 0.5}
+
+
+def test_summary_line():
+    evaluated = {"evaluated_split": "test", "history": [],
+                 "evaluations": {"best": {"accuracy": 0.91234, "macro_f1": 0.8},
+                                 "last": {"accuracy": 0.9, "macro_f1": 0.7}}}
+    assert run_record.summary_line(evaluated, "w/results.json") == \
+        "test accuracy 0.9123 (macro F1 0.8000) -> w/results.json"
+    del evaluated["evaluations"]["best"]
+    assert run_record.summary_line(evaluated, "r") == "test accuracy 0.9000 (macro F1 0.7000) -> r"
+    trained_on_all = {"evaluated_split": None, "evaluations": {},
+                      "history": [{"train_accuracy": 0.5}, {"train_accuracy": 0.987}]}
+    assert run_record.summary_line(trained_on_all, "r") == ("trained on every image (no validation or test "
+                                                      "split), last epoch's train accuracy 0.9870 -> r")

@@ -582,6 +582,59 @@ def test_cross_validation_refuses_the_ema(tmp_path):
         crossval.train_folds(config, [0], str(tmp_path), load=lambda *a: pytest.fail("loaded data"))
 
 
+def test_cross_validation_refuses_training_on_every_image(tmp_path):
+    from configs import ckplus
+    from fermsca import cli, crossval
+
+    config = ckplus.get_config()
+    config.dataset.protocol = "all"
+    with pytest.raises(cli.ConfigError, match=r"protocol='all' has no test folds to cross-validate"):
+        crossval.train_folds(config, [0], str(tmp_path), load=lambda *a: pytest.fail("loaded data"))
+
+
+@pytest.mark.slow  # builds a CK+ set and trains in this process (about 15 s); tests/test_run_record.py
+# and tests/test_ckplus.py test the parts in the suite
+def test_training_on_every_image_validates_nothing_and_keeps_the_last_checkpoint(tmp_path):
+    """CK+ protocol 'all' (the released model after cross-validation): no validation split, so no
+    best checkpoint, no final evaluation; the last checkpoint loads for inference."""
+    import fixtures
+
+    from configs import ckplus
+    from fermsca import inference, run_record, train
+    from fermsca.datasets import ckplus as ckplus_data
+
+    rng = np.random.default_rng(0)
+    classes = ["anger", "happy", "surprise"]
+    fixtures.write_ckplus48(tmp_path / "raw", [
+        (classes[i // 3 % 3], f"S{10 + i // 3:03d}_001_{i % 3:08d}.png", fixtures.noise_image(rng))
+        for i in range(24)])
+    config = ckplus.get_config()
+    config.dataset.update(protocol="all", manual_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "tfds"))
+    config.model.update(stem_width=4, widths=(4,))
+    config.update(num_epochs=2, batch_size=8, eval_batch_size=8, log_every_steps=3,
+                  async_checkpoints=False)
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(config, workdir)
+
+    assert results["status"] == "completed" and results["dataset"]["split_sizes"] == {"train": 24}
+    assert results["evaluated_split"] is None and results["evaluations"] == {}
+    assert results["accuracy"] is None and results["best_validation_accuracy"] is None
+    assert [h["epoch"] for h in results["history"]] == [1.0, 2.0]
+    assert all(h["validation_accuracy"] is None and 0 <= h["train_accuracy"] <= 1
+               for h in results["history"])
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["evaluated_split"] is None
+    assert committed_steps(workdir) == [3, 6]  # every epoch
+    best = os.path.join(workdir, checkpoint.BEST_DIR)
+    assert not os.path.isdir(best) or not [s for s in os.listdir(best) if s.isdigit()]
+    assert os.path.exists(os.path.join(workdir, "training_curves.png"))
+    model = inference.load(workdir)
+    assert model.class_names == tuple(ckplus_data.CLASS_NAMES) and model.step == 6
+    line = run_record.summary_line(results, "r.json")
+    assert line == (f"trained on every image (no validation or test split), last epoch's train "
+                    f"accuracy {results['history'][-1]['train_accuracy']:.4f} -> r.json")
+
+
 # ------------------------------------------------------------------------------------------------
 # The training split on the device: index batches gathered in the step, in this process on the
 # linear model.

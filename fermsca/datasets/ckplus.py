@@ -19,6 +19,8 @@ measures recognition of a seen face rather than of an expression, and comes out 
 therefore default to subject-independent k-fold cross-validation (no subject in two folds) and
 keep image-level random k-fold cross-validation (`protocol="random"`) only to compare with papers
 that used it. Both protocols take the test fold `fold` and the next fold as validation.
+`protocol="all"` puts every image in `train` (no validation or test split), for the released model,
+whose accuracy is the cross-validated one.
 """
 
 from __future__ import annotations
@@ -427,8 +429,11 @@ def random_indices(num_examples: int, num_folds: int = 10, fold: int = 0, seed: 
 
 def load(config: ml_collections.ConfigDict, required: Sequence[str] = ()) -> Dataset:
     """Builds CK+ (`config.builder_config`) if needed, keeps the last `frames_per_sequence` frames
-    of each sequence and splits them by `config.protocol` (kfold | random)."""
-    del required  # every protocol gives train, validation and test
+    of each sequence and splits them by `config.protocol` (kfold | random | all)."""
+    missing = [s for s in required if s != "train"] if config.protocol == "all" else []
+    if missing:
+        raise DataError(f"ckplus: protocol 'all' puts every image in train; there is no "
+                        f"{' or '.join(missing)} split (use protocol 'kfold' or 'random')")
     frames = int(config.frames_per_sequence)
     if frames < 1:
         raise ValueError(f"frames_per_sequence must be >= 1, got {frames}")
@@ -473,10 +478,13 @@ def load(config: ml_collections.ConfigDict, required: Sequence[str] = ()) -> Dat
 
 
 def protocol_indices(config: ml_collections.ConfigDict, subjects: Sequence[str]) -> dict[str, np.ndarray]:
-    """{split: indices into `subjects`} by `config.protocol`: `kfold_indices` or `random_indices`."""
+    """{split: indices into `subjects`} by `config.protocol`: `kfold_indices`, `random_indices`, or
+    every index in train ('all')."""
+    if config.protocol == "all":
+        return {"train": np.arange(len(subjects))}
     folds = dict(num_folds=int(config.num_folds), fold=int(config.fold), seed=int(config.split_seed))
     if config.protocol == "kfold":
         return kfold_indices(subjects, **folds)
     if config.protocol == "random":
         return random_indices(len(subjects), **folds)
-    raise ValueError(f"unknown CK+ protocol {config.protocol!r}; expected 'kfold' or 'random'")
+    raise ValueError(f"unknown CK+ protocol {config.protocol!r}; expected 'kfold', 'random' or 'all'")
