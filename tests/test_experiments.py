@@ -207,6 +207,34 @@ def test_study_table_rows_link_to_their_results(tmp_path):
     assert "ckplus-se1_bn1/fold_2/results.json" in targets
 
 
+def test_cross_validated_rows_get_per_class_accuracy_pooled_over_folds(tmp_path):
+    from fermsca import crossval
+    from fermsca import report as metrics
+    from fermsca.datasets import ckplus
+
+    study = table3_ablation.STUDY
+    base = tmp_path / study.name / "full"
+    names = ckplus.CLASS_NAMES
+    folds = []
+    for k in range(2):
+        cm = np.eye(7, dtype=int) * (k + 1)
+        cm[1, 0] = 1  # one contempt image called anger in each fold
+        folds.append({"repeat": f"fold_{k}", "accuracy": np.trace(cm) / cm.sum(), "evaluated_split": "test",
+                      "evaluations": {"last": metrics.confusion_metrics(cm, names)}})
+        write(base / "ckplus-se1_bn1" / f"fold_{k}", fake_results(0.9, dataset="ckplus"))
+    (base / "ckplus-se1_bn1" / "summary.json").write_text(json.dumps(crossval.summarize(folds, names)))
+    (base / "ckplus-se1_bn1" / "confusion_matrix.png").write_bytes(b"png")
+    text = common.study_table(study, "full", results_root=tmp_path)
+    assert "as in the paper's Fig. 8" in text
+    header = "| SENet | BN | " + " | ".join(names) + " | Pooled acc. | Images | Confusion matrix |"
+    assert header in text
+    # contempt: 3 of 5 right over the two folds; the others all right; 21 of 23 in all
+    assert ("| ✓ | ✓ | 1.000 | 0.600 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 0.9130 | 23 | "
+            "[figure](ckplus-se1_bn1/confusion_matrix.png) |") in text
+    pooled_rows = [line for line in text.splitlines() if line.endswith("confusion_matrix.png) |")]
+    assert len(pooled_rows) == 1  # only the row with a cross-validation summary
+
+
 def test_study_table_is_none_without_results(tmp_path):
     assert common.study_table(table3_ablation.STUDY, "full", results_root=tmp_path) is None
     assert common.write_table(table3_ablation.STUDY, "full", results_root=tmp_path) is None
@@ -232,7 +260,9 @@ def test_summarize_rejects_unfinished_runs(tmp_path):
 def test_table4_puts_ours_beside_published(tmp_path):
     ferplus = write(tmp_path / "ferplus_run", fake_results(0.85, "ferplus", split="validation"))
     for k, acc in enumerate((0.97, 0.99)):
-        write(tmp_path / "ck" / f"fold_{k}", fake_results(acc, "ckplus"))
+        folds = fake_results(acc, "ckplus")
+        folds["config"]["dataset"] = {"protocol": "kfold", "num_folds": 10}
+        write(tmp_path / "ck" / f"fold_{k}", folds)
     write(tmp_path / "synthetic", fake_results(0.9))
     ours, skipped = table4_compare.gather([str(ferplus), str(tmp_path / "ck"),
                                            str(tmp_path / "synthetic"), str(tmp_path / "none")])
@@ -244,6 +274,7 @@ def test_table4_puts_ours_beside_published(tmp_path):
     assert "| CK+ | PyConv-Attention Network [22] | 0.9846 |" in text
     assert "ours: validation split" in text
     assert "0.9800 ± 0.0141 (n=2)" in text
+    assert "ours: test split; subject-independent 10-fold cross-validation; 4,000 train" in text
     assert all((tmp_path / t).is_file() for t in link_targets(text))
     published = [ln for ln in text.splitlines() if "published, as listed" in ln]
     assert len(published) == len(table4_compare.PUBLISHED) == 12

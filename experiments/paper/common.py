@@ -202,12 +202,23 @@ def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Su
     )
 
 
+PROTOCOLS = {  # CK+ config.dataset.protocol, as the tables name it
+    "kfold": "subject-independent {folds}-fold cross-validation",
+    "random": "image-level random {folds}-fold cross-validation",
+    "all": "trained on every image",
+}
+
+
 def setup_line(results: Mapping[str, Any]) -> str:
     """The budget of a run in one line, from its results.json: data sizes, model width, batch, epochs."""
     cfg = results.get("config", {})
     model = cfg.get("model", {})
     sizes = results.get("dataset", {}).get("split_sizes", {})
     parts = []
+    if results.get("dataset", {}).get("name") == "ckplus" and "dataset" in cfg:
+        protocol = cfg["dataset"].get("protocol")
+        folds = cfg["dataset"].get("num_folds")
+        parts.append(PROTOCOLS.get(protocol, f"protocol {protocol}").format(folds=folds))
     if sizes:
         parts.append(" / ".join(f"{n:,} {k}" for k, n in sizes.items()) + " images")
     if model:
@@ -268,8 +279,11 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
         if dataset != "synthetic_faces":
             command += " --manual_dir DIR [--data_dir DIR]"
         hashes = "#" * (heading_level + 1)
+        pooled = pooled_table(study, [(row, base / f"{dataset}-{row.name}") for row in study.rows],
+                              relative_to)
         blocks.append(f"{hashes} {DATASET_TITLES[dataset]}\n\n`{command}`\n\n"
-                      f"Setup: {setup}.\n\n" + markdown_table(headers, lines))
+                      f"Setup: {setup}.\n\n" + markdown_table(headers, lines)
+                      + (f"\n{pooled}" if pooled else ""))
     if not blocks:
         return None
     head = f"{'#' * heading_level} {study.title} ({mode})\n\n"
@@ -277,6 +291,27 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
     if notes:
         head += "\n\n".join(notes) + "\n\n"
     return head + "\n".join(blocks)
+
+
+def pooled_table(study: Study, rows: Sequence[tuple[Row, Path]], relative_to: Path) -> str | None:
+    """Per-class accuracy of the cross-validated rows (a summary.json beside their folds): the
+    test folds' confusion matrices summed (the paper's Fig. 8), linked to its figure; None when no
+    row has one."""
+    found = [(row, d, load_json(d / "summary.json")) for row, d in rows if (d / "summary.json").is_file()]
+    if not found:
+        return None
+    names = list(found[0][2]["pooled"]["per_class_accuracy"])
+    lines = []
+    for row, row_dir, summary in found:
+        pooled = summary["pooled"]
+        figure = row_dir / "confusion_matrix.png"
+        lines.append([*row.cells, *(f"{pooled['per_class_accuracy'][n]:.3f}" for n in names),
+                      f"{pooled['accuracy']:.4f}", pooled["num_examples"],
+                      link("figure", figure, relative_to) if figure.is_file() else "-"])
+    return ("Per-class accuracy over the test folds pooled (their confusion matrices summed, as in "
+            "the paper's Fig. 8):\n\n"
+            + markdown_table([*study.row_headers, *names, "Pooled acc.", "Images", "Confusion matrix"],
+                             lines))
 
 
 def write_table(study: Study, mode: str, results_root: Path = RESULTS) -> Path | None:

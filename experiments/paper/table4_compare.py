@@ -54,6 +54,7 @@ DEFAULT_SOURCES = (
     "experiments/results/table3_ablation/full/ferplus-se1_bn1",
     "experiments/results/table3_ablation/full/ckplus-se1_bn1",
     "experiments/results/ckplus_protocols/full/ckplus-kfold",
+    "experiments/results/ckplus_protocols/full/ckplus-random",
 )
 
 
