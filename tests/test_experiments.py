@@ -365,3 +365,24 @@ def test_report_main_rewrites_only_a_marked_readme(tmp_path, capsys):
     assert "\n## Loss" in tables
     assert "(loss_study/quick/synthetic_faces-cosine/results.json)" in tables
     assert all((results / t).is_file() for t in link_targets(tables))
+
+
+def test_ckplus_headline_puts_both_protocols_side_by_side(tmp_path):
+    results = tmp_path / "experiments" / "results"
+    assert report.ckplus_results(tmp_path, results) is None  # nothing finished: no headline
+    row = results / "ckplus_protocols" / "full" / "ckplus-kfold"
+    for k in range(2):
+        write(row / f"fold_{k}", fake_results(0.9, "ckplus", epochs=200))
+    (row / "summary.json").write_text(json.dumps({
+        "accuracy_mean": 0.9234, "accuracy_std": 0.0441, "macro_f1_mean": 0.9012,
+        "pooled": {"accuracy": 0.9246, "num_examples": 981, "per_class_accuracy": {"anger": 0.9}}}))
+    (row / "confusion_matrix.png").write_bytes(b"png")
+    text = report.ckplus_results(tmp_path, results)
+    assert ("| subject-independent 10-fold | **0.9234 ± 0.0441** over 2 test folds | 0.9246 (981 images) "
+            "| 0.9012 | 200 | [summary.json](experiments/results/ckplus_protocols/full/ckplus-kfold/"
+            "summary.json) [Fig. 8](experiments/results/ckplus_protocols/full/ckplus-kfold/"
+            "confusion_matrix.png) |") in text
+    assert "| image-level random 10-fold | not finished yet |" in text
+    assert "99.32% without naming its protocol" in text and "nothing is selected on a test fold" in text
+    index = report.index(tmp_path, results / "README.md", results)
+    assert index.startswith("CK+ at the paper's settings") and "| study | budget | results |" in index
