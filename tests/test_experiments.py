@@ -386,3 +386,31 @@ def test_ckplus_headline_puts_both_protocols_side_by_side(tmp_path):
     assert "99.32% without naming its protocol" in text and "nothing is selected on a test fold" in text
     index = report.index(tmp_path, results / "README.md", results)
     assert index.startswith("CK+ at the paper's settings") and "| study | budget | results |" in index
+
+
+def test_a_reduced_budget_runs_the_full_settings_at_fewer_epochs_into_its_own_mode(tmp_path, capsys):
+    common.main(table2_lr.STUDY, ["--dataset", "ckplus", "--manual_dir", "/data/ck", "--epochs", "25",
+                                  "--rows", "table1", "--dry_run", "--scratch", str(tmp_path)])
+    (cmd,) = capsys.readouterr().out.splitlines()
+    assert "experiments.paper.ckplus_cv --config configs/ckplus.py" in cmd
+    assert f"--workdir {tmp_path}/table2_lr/epochs_25/ckplus-table1" in cmd
+    assert "--config.num_epochs=25" in cmd and "--config.optimizer.schedule=table1" in cmd
+    with pytest.raises(SystemExit):
+        common.main(table2_lr.STUDY, ["--quick", "--epochs", "25", "--dry_run"])
+
+    results = tmp_path / "results"
+    for mode, acc in (("epochs_25", 0.8), ("epochs_100", 0.85), ("full", 0.9), ("quick", 0.5)):
+        for k in range(2):
+            write(results / "table2_lr" / mode / "ckplus-table1" / f"fold_{k}",
+                  fake_results(acc, "ckplus", epochs=int(mode.split("_")[-1]) if "_" in mode else 4))
+    assert common.modes(results / "table2_lr") == ["full", "epochs_100", "epochs_25", "quick"]
+    text = common.study_table(table2_lr.STUDY, "epochs_25", results_root=results)
+    assert text.startswith("## Table 2: learning rate (reduced: 25 epochs)")
+    assert "Reduced budget: every row at 25 of the paper's 200 epochs" in text
+    assert "`python -m experiments.paper.table2_lr --epochs 25 --dataset ckplus --manual_dir DIR" in text
+    assert common.write_table(table2_lr.STUDY, "epochs_25", results_root=results).is_file()
+    index = report.index(tmp_path, results / "README.md", results)
+    assert "| Table 2: learning rate | reduced: 25 epochs | [table](results/table2_lr/epochs_25/table.md) |" \
+        in index
+    assert index.index("| full |") < index.index("reduced: 100 epochs") < index.index("reduced: 25") \
+        < index.index("| quick |")

@@ -62,6 +62,37 @@ QUICK_NOTE = (
 )
 
 
+REDUCED_PREFIX = "epochs_"  # a reduced budget's mode: epochs_<N> (`--epochs N`)
+
+
+def reduced_mode(epochs: int) -> str:
+    return f"{REDUCED_PREFIX}{epochs}"
+
+
+def modes(study_dir: Path) -> list[str]:
+    """The modes with a folder under `study_dir`, in table order: full, the reduced budgets
+    (most epochs first), quick."""
+    reduced = sorted((d.name for d in study_dir.glob(f"{REDUCED_PREFIX}*") if d.is_dir()
+                      and d.name[len(REDUCED_PREFIX):].isdigit()),
+                     key=lambda m: -int(m[len(REDUCED_PREFIX):]))
+    return ["full", *reduced, "quick"]
+
+
+def mode_label(mode: str) -> str:
+    """How tables name a mode: full, quick, or "<N> epochs" for a reduced budget."""
+    if mode.startswith(REDUCED_PREFIX):
+        return f"reduced: {mode[len(REDUCED_PREFIX):]} epochs"
+    return mode
+
+
+def reduced_note(mode: str) -> str:
+    if not mode.startswith(REDUCED_PREFIX):
+        return ""
+    return (f"Reduced budget: every row at {mode[len(REDUCED_PREFIX):]} of the paper's 200 epochs "
+            "(Table 1's boundaries scaled to it), everything else at the paper's settings. Rows "
+            "compare with each other, not with the paper's 200-epoch numbers.")
+
+
 class RunError(RuntimeError):
     """A training run failed or did not finish."""
 
@@ -275,6 +306,8 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
                           _opt(s.best_validation_accuracy), s.evaluated_split,
                           f"{s.epochs:g}", _fmt_seconds(s.wall_seconds), *paper, links])
         command = f"python -m experiments.paper.{study.name}{' --quick' if mode == 'quick' else ''}"
+        if mode.startswith(REDUCED_PREFIX):
+            command += f" --epochs {mode[len(REDUCED_PREFIX):]}"
         command += f" --dataset {dataset}"
         if dataset != "synthetic_faces":
             command += " --manual_dir DIR [--data_dir DIR]"
@@ -286,8 +319,8 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
                       + (f"\n{pooled}" if pooled else ""))
     if not blocks:
         return None
-    head = f"{'#' * heading_level} {study.title} ({mode})\n\n"
-    notes = [n for n in (study.note, QUICK_NOTE if mode == "quick" else "") if n]
+    head = f"{'#' * heading_level} {study.title} ({mode_label(mode)})\n\n"
+    notes = [n for n in (study.note, QUICK_NOTE if mode == "quick" else "", reduced_note(mode)) if n]
     if notes:
         head += "\n\n".join(notes) + "\n\n"
     return head + "\n".join(blocks)
@@ -499,6 +532,9 @@ def arg_parser(study: Study) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m experiments.paper.{study.name}", description=study.title)
     p.add_argument("--quick", action="store_true",
                    help="tiny budget for a CPU (default: the paper's budget, meant for a GPU)")
+    p.add_argument("--epochs", type=int,
+                   help="a reduced budget: the paper's settings at this many epochs (Table 1's "
+                        "boundaries scaled); results go to <study>/epochs_<N>/")
     p.add_argument("--dataset", choices=study.datasets,
                    help=f"default: {study.default_dataset['quick']} with --quick, else "
                         f"{study.default_dataset['full']}")
@@ -524,8 +560,10 @@ def arg_parser(study: Study) -> argparse.ArgumentParser:
 def main(study: Study, argv: Sequence[str] | None = None) -> None:
     parser = arg_parser(study)
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    dataset = args.dataset or study.default_dataset[mode]
+    if args.epochs is not None and (args.quick or args.epochs < 1):
+        parser.error("--epochs takes a positive number of epochs and does not go with --quick")
+    mode = "quick" if args.quick else (reduced_mode(args.epochs) if args.epochs else "full")
+    dataset = args.dataset or study.default_dataset["quick" if args.quick else "full"]
     if args.table_only:
         path = write_table(study, mode)
         print(path or f"no {mode} results for {study.name} yet")
@@ -545,7 +583,10 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         parser.error(f"unknown rows {unknown}; {study.name} has {names}")
-    budget = {**(QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset], **study.budget.get(mode, {})}
+    budget = {**(QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset],
+              **study.budget.get("quick" if args.quick else "full", {})}
+    if args.epochs:  # a reduced budget: the full one at fewer epochs
+        budget["num_epochs"] = args.epochs
     data_flags = {k: v for k, v in (("dataset.manual_dir", args.manual_dir),
                                     ("dataset.data_dir", args.data_dir)) if v}
     start = time.time()

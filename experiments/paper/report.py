@@ -38,7 +38,7 @@ def gather(relative_to: Path, results_root: Path = common.RESULTS, heading_level
     """Every table with results (full before quick), links relative to `relative_to`."""
     parts = []
     for study in TRAINING_STUDIES:
-        for mode in ("full", "quick"):
+        for mode in common.modes(results_root / study.name):
             text = common.study_table(study, mode, relative_to, results_root, heading_level)
             if text:
                 parts.append(text)
@@ -98,10 +98,10 @@ def index(relative_to: Path, tables: Path, results_root: Path = common.RESULTS) 
     def row(title: str, mode: str, folder: Path | None) -> str:
         table = folder / "table.md" if folder else tables
         target = table if table.is_file() else tables
-        return f"| {title} | {mode} | {common.link('table', target, relative_to)} |"
+        return f"| {title} | {common.mode_label(mode)} | {common.link('table', target, relative_to)} |"
 
     rows = [row(study.title, mode, results_root / study.name / mode)
-            for study in TRAINING_STUDIES for mode in ("full", "quick")
+            for study in TRAINING_STUDIES for mode in common.modes(results_root / study.name)
             if common.study_table(study, mode, relative_to, results_root)]
     rows.append(row("Table 4: comparison with published results", "-", None))
     rows += [row("Scaling of the train step", mode, results_root / scaling.STUDY_NAME / mode)

@@ -3,6 +3,7 @@
     python -m experiments.paper.table2_lr --quick                      # synthetic faces, minutes on a CPU
     python -m experiments.paper.table2_lr --manual_dir /data/ferplus   # FER+, the paper's budget
     python -m experiments.paper.table2_lr --dataset ckplus --manual_dir /data/ckplus [--folds 0]
+    python -m experiments.paper.table2_lr --dataset ckplus --manual_dir /data/ckplus --epochs 20   # reduced
 
 Every row keeps the paper's Adam, loss and epochs; only the learning rate schedule changes.
 """

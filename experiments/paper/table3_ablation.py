@@ -3,6 +3,7 @@
     python -m experiments.paper.table3_ablation --quick                      # synthetic faces, CPU minutes
     python -m experiments.paper.table3_ablation --manual_dir /data/ferplus   # FER+, the paper's budget
     python -m experiments.paper.table3_ablation --dataset ckplus --manual_dir /data/ckplus [--folds 0]
+    python -m experiments.paper.table3_ablation --dataset ckplus --manual_dir /data/ckplus --epochs 20
 """
 
 from experiments.paper import common
