@@ -57,7 +57,8 @@ def _train(argv) -> int:
     # device-dependent checks (batch sizes against the mesh) run again in train.train_and_evaluate.
     config_schema.validate(FLAGS.config)
     manual_dir = FLAGS.config.dataset.manual_dir
-    if manual_dir and not os.path.isdir(manual_dir):  # the builders check it too, seconds later
+    if FLAGS.config.dataset.name in ("ferplus", "ckplus") and manual_dir and not os.path.isdir(manual_dir):
+        # The builders check it too, but only after TensorFlow's import (seconds).
         raise NotADirectoryError(f"{os.path.abspath(manual_dir)}: manual_dir is not a folder")
 
     import jax

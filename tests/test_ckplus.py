@@ -141,8 +141,8 @@ def test_ckplus48_kfold(ckplus48_dir, tmp_path_factory):
     assert set(every.splits) == {"train"}
     assert sorted(every.splits["train"].file_names) == sorted(np.concatenate(
         [p.file_names for p in data.splits.values()]))
-    with pytest.raises(datasets.DataError, match="protocol 'all' puts every image in train; there is "
-                       "no validation split"):
+    with pytest.raises(datasets.DataError, match="protocol 'all' puts every image in train, so there "
+                       "is no validation split: nothing is held out"):
         datasets.load(_config(ckplus48_dir, data_dir, builder_config="ckplus48", protocol="all"))
 
 

@@ -2,6 +2,7 @@
 bad configs refused before any data is built, pre-emption as exit status 75."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -36,9 +37,9 @@ def test_run_maps_errors_to_statuses(capsys):
         cli.run(bug)
 
 
-def _main(tmp_path, *flags):
+def _main(tmp_path, *flags, python_flags=()):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "fermsca.main", "--config", "configs/default.py",
+    cmd = [sys.executable, *python_flags, "-m", "fermsca.main", "--config", "configs/default.py",
            f"--workdir={tmp_path / 'run'}", f"--config.dataset.data_dir={tmp_path / 'tfds'}", *flags]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -47,10 +48,12 @@ FERPLUS_NOWHERE = ["--config.dataset.name=ferplus", "--config.dataset.manual_dir
 
 
 def test_main_data_error_is_one_line(tmp_path):
-    proc = _main(tmp_path, *FERPLUS_NOWHERE)
+    proc = _main(tmp_path, *FERPLUS_NOWHERE, python_flags=("-X", "importtime"))
     assert proc.returncode == cli.EXIT_ERROR
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == "error: /nonexistent: manual_dir is not a folder"
+    # Found before TensorFlow is imported (seconds): `-X importtime` lists every module imported.
+    assert not re.search(r"\|\s*tensorflow$", proc.stderr, re.MULTILINE)
     verbose = _main(tmp_path, *FERPLUS_NOWHERE, "--verbose")
     assert verbose.returncode == cli.EXIT_ERROR and "Traceback" in verbose.stderr
 

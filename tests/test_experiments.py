@@ -98,8 +98,10 @@ def test_ckplus_rows_repeat_over_folds():
     assert common.repeats(kfold, "ckplus", [0, 1]) == [("fold_0", {"dataset.fold": 0}),
                                                        ("fold_1", {"dataset.fold": 1})]
     assert common.repeats(random, "ckplus", [2]) == [("fold_2", {"dataset.fold": 2})]
-    with pytest.raises(ValueError, match="unknown dataset.protocol"):
-        common.repeats(kfold, "ckplus", [0], {"dataset.protocol": "leaky"})
+    for protocol in ("leaky", "all"):
+        with pytest.raises(ValueError, match=rf"dataset.protocol='{protocol}'; studies cross-validate "
+                           r"CK\+ with 'kfold' or 'random' \('all' has no test folds\)"):
+            common.repeats(kfold, "ckplus", [0], {"dataset.protocol": protocol})
 
 
 def test_rows_repeat_over_seeds_except_on_ckplus():
@@ -141,19 +143,36 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
     assert "--config.num_epochs=30" in out[0] and "--config.seed=1" in out[1]
 
 
+def fold_results(k: int, right: int, wrong: int) -> dict:
+    """A CK+ fold's results.json as fermsca.crossval writes it: `right` of `right + wrong` test
+    images right (anger called contempt when wrong)."""
+    from fermsca import report as metrics
+    from fermsca.datasets import ckplus
+
+    cm = np.zeros((7, 7), int)
+    cm[0, 0], cm[0, 1] = right, wrong
+    last = metrics.confusion_metrics(cm, ckplus.CLASS_NAMES)
+    return {**fake_results(last["accuracy"], "ckplus"), "repeat": f"fold_{k}",
+            "evaluations": {"last": last},
+            "dataset": {"name": "ckplus", "class_names": list(ckplus.CLASS_NAMES)}}
+
+
 def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monkeypatch, capsys):
     import subprocess
 
-    calls = []
+    calls, run = [], subprocess.run
 
-    def fake_crossval(cmd, cwd, stdout, stderr):  # what experiments.paper.ckplus_cv leaves behind
+    def fake_crossval(cmd, **kwargs):  # what experiments.paper.ckplus_cv leaves behind
+        if "experiments.paper.ckplus_cv" not in cmd:  # e.g. what a library runs on import
+            return run(cmd, **kwargs)
         calls.append(cmd)
         workdir = Path(cmd[cmd.index("--workdir") + 1])
-        for k in (0, 3):
-            write(workdir / f"fold_{k}", fake_results(0.9 + k / 100, "ckplus"))
+        folds = [int(k) for k in cmd[cmd.index("--folds") + 1].split(",")]
+        for k in folds:
+            write(workdir / f"fold_{k}", fold_results(k, right=9 + k, wrong=1))
         (workdir / "summary.json").write_text(json.dumps(
-            {"evaluated_split": "test", "accuracy_mean": 0.915, "accuracy_std": 0.02}))
-        (workdir / "confusion_matrix.png").write_bytes(b"png")
+            {"repeats": [f"fold_{k}" for k in folds], "accuracy_mean": 0.5, "wall_time_seconds": 60.0,
+             "device_kind": "cpu"}))
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(common.subprocess, "run", fake_crossval)
@@ -167,11 +186,23 @@ def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monk
     assert "--config.model.widths=(16,32)" in cmd and not any("dataset.fold" in c for c in cmd)
     dest = tmp_path / "results" / "t2" / "quick" / "ckplus-a"
     assert paths == [dest / "fold_0" / "results.json", dest / "fold_3" / "results.json"]
-    assert common.load_json(paths[1])["accuracy"] == 0.93
-    assert (dest / "summary.json").is_file() and (dest / "confusion_matrix.png").is_file()
+    assert common.load_json(paths[1])["accuracy"] == 12 / 13
+    assert (dest / "confusion_matrix.png").is_file()
     assert not (tmp_path / "scratch" / "t2" / "quick" / "ckplus-a").exists()  # workdir removed
-    assert "0.9150 ± 0.0200 over 2 folds" in capsys.readouterr().out
+    summary = common.load_json(dest / "summary.json")  # over the folds filed, not the fake's 0.5
+    assert summary["accuracy_mean"] == pytest.approx((0.9 + 12 / 13) / 2)
+    assert summary["pooled"]["accuracy"] == 21 / 23 and summary["pooled"]["num_examples"] == 23
+    assert summary["batches"] == [{"repeats": ["fold_0", "fold_3"], "wall_time_seconds": 60.0,
+                                   "device_kind": "cpu"}]
+    assert "over 2 folds (this batch: 2" in capsys.readouterr().out
     assert common.train_folds_row(*args, **kwargs) == paths and len(calls) == 1  # done: not rerun
+
+    # A second batch of folds joins the first: nothing filed earlier is lost.
+    more = common.train_folds_row(*args[:5], [5], **kwargs)
+    assert more == [dest / "fold_5" / "results.json"] and paths[0].is_file() and paths[1].is_file()
+    summary = common.load_json(dest / "summary.json")
+    assert summary["repeats"] == ["fold_0", "fold_3", "fold_5"]
+    assert [b["repeats"] for b in summary["batches"]] == [["fold_0", "fold_3"], ["fold_5"]]
 
     monkeypatch.setattr(common.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 75))
     with pytest.raises(common.RunError, match="pre-empted .* repeat the command to resume"):
@@ -264,9 +295,12 @@ def test_table4_puts_ours_beside_published(tmp_path):
         folds["config"]["dataset"] = {"protocol": "kfold", "num_folds": 10}
         write(tmp_path / "ck" / f"fold_{k}", folds)
     write(tmp_path / "synthetic", fake_results(0.9))
-    ours, skipped = table4_compare.gather([str(ferplus), str(tmp_path / "ck"),
+    released = write(tmp_path / "ck_all", {**fake_results(0.9, "ckplus"), "evaluated_split": None,
+                                           "accuracy": None, "evaluations": {}})
+    ours, skipped = table4_compare.gather([str(ferplus), str(tmp_path / "ck"), str(released),
                                            str(tmp_path / "synthetic"), str(tmp_path / "none")])
     assert [o.dataset for o in ours] == ["ferplus", "ckplus"]
+    assert f"{released}: trained on every image (CK+ protocol 'all'); nothing was evaluated" in skipped
     assert any("no published numbers" in s for s in skipped)
     assert any("no results" in s for s in skipped)
     text = table4_compare.table(ours, relative_to=tmp_path)
@@ -372,16 +406,17 @@ def test_ckplus_headline_puts_both_protocols_side_by_side(tmp_path):
     assert report.ckplus_results(tmp_path, results) is None  # nothing finished: no headline
     row = results / "ckplus_protocols" / "full" / "ckplus-kfold"
     for k in range(2):
-        write(row / f"fold_{k}", fake_results(0.9, "ckplus", epochs=200))
+        write(row / f"fold_{k}", {**fake_results(0.9, "ckplus", epochs=200),
+                                  "config": {"dataset": {"num_folds": 10}}})
     (row / "summary.json").write_text(json.dumps({
         "accuracy_mean": 0.9234, "accuracy_std": 0.0441, "macro_f1_mean": 0.9012,
         "pooled": {"accuracy": 0.9246, "num_examples": 981, "per_class_accuracy": {"anger": 0.9}}}))
     (row / "confusion_matrix.png").write_bytes(b"png")
     text = report.ckplus_results(tmp_path, results)
-    assert ("| subject-independent 10-fold | **0.9234 ± 0.0441** over 2 test folds | 0.9246 (981 images) "
-            "| 0.9012 | 200 | [summary.json](experiments/results/ckplus_protocols/full/ckplus-kfold/"
-            "summary.json) [Fig. 8](experiments/results/ckplus_protocols/full/ckplus-kfold/"
-            "confusion_matrix.png) |") in text
+    row_link = "experiments/results/ckplus_protocols/full/ckplus-kfold"
+    assert ("| subject-independent 10-fold | **0.9234 ± 0.0441** over 2 of 10 test folds | "
+            "0.9246 (981 images) | 0.9012 | 200 | "
+            f"[summary.json]({row_link}/summary.json) [Fig. 8]({row_link}/confusion_matrix.png) |") in text
     assert "| image-level random 10-fold | not finished yet |" in text
     assert "99.32% without naming its protocol" in text and "nothing is selected on a test fold" in text
     index = report.index(tmp_path, results / "README.md", results)
@@ -406,7 +441,7 @@ def test_a_reduced_budget_runs_the_full_settings_at_fewer_epochs_into_its_own_mo
     assert common.modes(results / "table2_lr") == ["full", "epochs_100", "epochs_25", "quick"]
     text = common.study_table(table2_lr.STUDY, "epochs_25", results_root=results)
     assert text.startswith("## Table 2: learning rate (reduced: 25 epochs)")
-    assert "Reduced budget: every row at 25 of the paper's 200 epochs" in text
+    assert "Reduced budget: every row at 25 epochs instead of the full budget's" in text
     assert "`python -m experiments.paper.table2_lr --epochs 25 --dataset ckplus --manual_dir DIR" in text
     assert common.write_table(table2_lr.STUDY, "epochs_25", results_root=results).is_file()
     index = report.index(tmp_path, results / "README.md", results)

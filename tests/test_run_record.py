@@ -135,3 +135,18 @@ def test_summary_line():
                       "history": [{"train_accuracy": 0.5}, {"train_accuracy": 0.987}]}
     assert run_record.summary_line(trained_on_all, "r") == ("trained on every image (no validation or test "
                                                       "split), last epoch's train accuracy 0.9870 -> r")
+
+
+def test_write_figures_with_and_without_a_held_out_split(tmp_path):
+    names = ("a", "b")
+    last = run_record.evaluation({"loss": 0.2, "confusion_matrix": np.array([[1, 1], [0, 1]])}, names, 12, 4)
+    (tmp_path / "evaluated").mkdir()
+    (tmp_path / "all").mkdir()
+    run_record.write_figures(str(tmp_path / "evaluated"), _data(), "test", {"last": last}, _history())
+    assert sorted(p.name for p in (tmp_path / "evaluated").iterdir()) == [
+        "confusion_matrix_last.png", "training_curves.png"]
+    # Trained on every image: no validation in the history, nothing evaluated, curves of train only.
+    train_only = [run_record.epoch_row(e, {"loss": -0.1 * e, "accuracy": 0.3 * e}, None, 1e-3)
+                  for e in (1.0, 2.0)]
+    run_record.write_figures(str(tmp_path / "all"), _data(), None, {}, train_only)
+    assert [p.name for p in (tmp_path / "all").iterdir()] == ["training_curves.png"]

@@ -4,7 +4,7 @@ A study is a list of `Row`s, each a set of config overrides. `main(study)` train
 `python -m fermsca.main` in a scratch workdir (checkpoints stay there, so a stopped full run resumes
 when the command is repeated), copies results.json and the PNG figures to
 
-    experiments/results/<study>/<quick|full>/<dataset>-<row>/[<fold>/]
+    experiments/results/<study>/<quick|full|epochs_N>/<dataset>-<row>/[<fold>/]
 
 and rewrites `table.md` beside them. On CK+ every row is repeated over the 10 test folds (either
 protocol is k-fold), and the table gives mean +- sample std over the folds.
@@ -38,6 +38,7 @@ CONFIG_FILES = {
     "ferplus": "configs/ferplus.py",
     "ckplus": "configs/ckplus.py",
 }
+PAPER_EPOCHS = 200  # section 3.3; configs/ferplus.py and configs/ckplus.py
 # Full: the paper's budget (section 3.3: 200 epochs, Table 1 schedule, batch 128 FER+ / 7 CK+), as in
 # configs/ferplus.py and configs/ckplus.py; the synthetic set gets the FER+ budget.
 FULL_BUDGET = {
@@ -79,7 +80,7 @@ def modes(study_dir: Path) -> list[str]:
 
 
 def mode_label(mode: str) -> str:
-    """How tables name a mode: full, quick, or "<N> epochs" for a reduced budget."""
+    """How tables name a mode: full, quick, or "reduced: <N> epochs"."""
     if mode.startswith(REDUCED_PREFIX):
         return f"reduced: {mode[len(REDUCED_PREFIX):]} epochs"
     return mode
@@ -88,9 +89,10 @@ def mode_label(mode: str) -> str:
 def reduced_note(mode: str) -> str:
     if not mode.startswith(REDUCED_PREFIX):
         return ""
-    return (f"Reduced budget: every row at {mode[len(REDUCED_PREFIX):]} of the paper's 200 epochs "
-            "(Table 1's boundaries scaled to it), everything else at the paper's settings. Rows "
-            "compare with each other, not with the paper's 200-epoch numbers.")
+    return (f"Reduced budget: every row at {mode[len(REDUCED_PREFIX):]} epochs instead of the full "
+            "budget's (the paper's 200 for its tables), Table 1's boundaries scaled to it; "
+            "everything else as the full budget. Rows compare with each other, not with the "
+            "paper's 200-epoch numbers.")
 
 
 class RunError(RuntimeError):
@@ -338,7 +340,8 @@ def pooled_table(study: Study, rows: Sequence[tuple[Row, Path]], relative_to: Pa
     for row, row_dir, summary in found:
         pooled = summary["pooled"]
         figure = row_dir / "confusion_matrix.png"
-        lines.append([*row.cells, *(f"{pooled['per_class_accuracy'][n]:.3f}" for n in names),
+        per_class = [pooled["per_class_accuracy"][n] for n in names]  # None: no image of the class
+        lines.append([*row.cells, *("-" if v is None else f"{v:.3f}" for v in per_class),
                       f"{pooled['accuracy']:.4f}", pooled["num_examples"],
                       link("figure", figure, relative_to) if figure.is_file() else "-"])
     return ("Per-class accuracy over the test folds pooled (their confusion matrices summed, as in "
@@ -383,7 +386,8 @@ def repeats(row: Row, dataset: str, folds: Sequence[int],
         return [(f"seed_{k}", {"seed": k}) for k in seeds] or [("", {})]
     protocol = {**row.overrides, **(sets or {})}.get("dataset.protocol", "kfold")
     if protocol not in ("kfold", "random"):
-        raise ValueError(f"row {row.name}: unknown dataset.protocol {protocol!r}")
+        raise ValueError(f"row {row.name}: dataset.protocol={protocol!r}; studies cross-validate CK+ "
+                         "with 'kfold' or 'random' ('all' has no test folds)")
     return [(f"fold_{k}", {"dataset.fold": k}) for k in folds]
 
 
@@ -474,20 +478,46 @@ def train_folds_row(study: str, mode: str, row_path: str, config_file: str, over
     if not summary.is_file():
         raise RunError(f"{study}/{mode}/{row_path}: no summary.json in {workdir}; repeat the "
                        "command to resume")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for name in names:
-        (dest / name).mkdir()
+    for name in names:  # folds of earlier batches (`--folds 0-4`, then `5-9`) stay
+        (dest / name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(workdir / name / "results.json", dest / name / "results.json")
-    for f in [summary, *sorted(workdir.glob("*.png"))]:
-        shutil.copy2(f, dest / f.name)
+    batch = {k: v for k, v in load_json(summary).items() if k in BATCH_FIELDS}
+    s = summarize_folds(dest, batch)
     if not keep_workdir:
         shutil.rmtree(workdir)
-    s = load_json(dest / "summary.json")
     print(f"{row_path}: {s['evaluated_split']} accuracy {s['accuracy_mean']:.4f} ± "
-          f"{s['accuracy_std']:.4f} over {len(names)} folds in {elapsed:.0f} s -> {dest}", flush=True)
+          f"{s['accuracy_std']:.4f} over {len(s['repeats'])} folds (this batch: {len(names)}, "
+          f"{elapsed:.0f} s) -> {dest}", flush=True)
     return done
+
+
+# What a study's own summary.json says about the run that trained a batch of folds.
+BATCH_FIELDS = ("repeats", "wall_time_seconds", "train_images_per_second", "device_kind",
+                "convolutions", "steps_per_epoch")
+
+
+def summarize_folds(row_dir: Path, batch: Mapping[str, Any]) -> dict:
+    """summary.json and confusion_matrix.png (Fig. 8) of every fold_k/results.json in `row_dir`:
+    mean +- std of the folds' accuracies and their confusion matrices summed
+    (`fermsca.crossval.summarize`), and under "batches" each run that trained some of them (`batch`,
+    the latest, replaces an earlier record of the same folds). Returns the summary."""
+    import numpy as np
+
+    from fermsca import crossval, report
+
+    path = row_dir / "summary.json"
+    batches = load_json(path).get("batches", []) if path.is_file() else []
+    batches = [b for b in batches if b.get("repeats") != batch.get("repeats")] + [dict(batch)]
+    folds = [load_json(p) for p in row_results(row_dir)]
+    class_names = folds[0]["dataset"]["class_names"]
+    summary = {**crossval.summarize(folds, class_names), "batches": batches}
+    path.write_text(json.dumps(summary, indent=2))
+    report.plot_confusion_matrix(
+        np.asarray(summary["pooled"]["confusion_matrix"]), class_names,
+        str(row_dir / "confusion_matrix.png"),
+        title=f"{folds[0]['dataset']['name']} {summary['evaluated_split']}, {len(folds)} folds summed "
+              f"(acc {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f})")
+    return summary
 
 
 def parse_folds(text: str, num_folds: int) -> list[int]:
@@ -586,6 +616,10 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
     budget = {**(QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset],
               **study.budget.get("quick" if args.quick else "full", {})}
     if args.epochs:  # a reduced budget: the full one at fewer epochs
+        full_epochs = budget.get("num_epochs", PAPER_EPOCHS)
+        if args.epochs >= full_epochs:
+            parser.error(f"--epochs {args.epochs}: a reduced budget needs fewer epochs than the full "
+                         f"budget's {full_epochs} (run without --epochs for that)")
         budget["num_epochs"] = args.epochs
     data_flags = {k: v for k, v in (("dataset.manual_dir", args.manual_dir),
                                     ("dataset.data_dir", args.data_dir)) if v}
@@ -594,7 +628,10 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
         if row.name not in wanted:
             continue
         if dataset == "ckplus":  # the row's folds trained together, vmapped
-            repeats(row, dataset, folds, sets)  # checks the protocol
+            try:
+                repeats(row, dataset, folds, sets)  # checks the protocol
+            except ValueError as e:
+                parser.error(str(e))
             train_folds_row(study.name, mode, f"{dataset}-{row.name}", CONFIG_FILES[dataset],
                             {**budget, **row.overrides, **data_flags, **sets}, folds,
                             scratch=Path(args.scratch), rerun=args.rerun,

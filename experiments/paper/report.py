@@ -68,9 +68,11 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
         folds = common.row_results(row_dir)
         epochs = {common.load_json(p)["epochs"] for p in folds}
         figure = row_dir / "confusion_matrix.png"
+        num_folds = {common.load_json(p)["config"]["dataset"]["num_folds"] for p in folds}
         rows.append([
             row.cells[0],
-            f"**{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}** over {len(folds)} test folds",
+            f"**{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}** over {len(folds)} of "
+            f"{'/'.join(map(str, sorted(num_folds)))} test folds",
             f"{s['pooled']['accuracy']:.4f} ({s['pooled']['num_examples']} images)",
             f"{s['macro_f1_mean']:.4f}",
             "/".join(f"{e:g}" for e in sorted(epochs)),
@@ -80,7 +82,7 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
     if not shown:
         return None
     return ("CK+ at the paper's settings (configs/ckplus.py: batch 7, Table 1 schedule, cosine loss, the "
-            "paper's augmentation, widths 64/128/256), 10-fold cross-validation with the 10 folds "
+            "paper's augmentation, widths 64/128/256), k-fold cross-validation with the folds "
             "trained together (`python -m experiments.paper.ckplus_protocols --manual_dir DIR`). "
             "Each fold reports its final epoch on its test fold: nothing is selected on a test fold. "
             f"The paper reports {CKPLUS_PAPER:.2%} without naming its protocol. The protocols differ "

@@ -61,7 +61,7 @@ DEFAULT_SOURCES = (
 @dataclass(frozen=True)
 class Ours:
     dataset: str
-    summary: common.Summary
+    summary: common.Summary | None  # None: a run that evaluated nothing (trained on every image)
     setup: str
 
 
@@ -74,7 +74,9 @@ def load_ours(source: Path) -> Ours | None:
     names = {r["dataset"]["name"] for r in results}
     if len(names) != 1:
         raise ValueError(f"{source}: results from several datasets {sorted(names)}")
-    return Ours(names.pop(), common.summarize(results, paths), common.setup_line(results[0]))
+    evaluated = all(r.get("evaluated_split") is not None for r in results)
+    return Ours(names.pop(), common.summarize(results, paths) if evaluated else None,
+                common.setup_line(results[0]))
 
 
 def table(ours: Sequence[Ours], relative_to: Path, heading_level: int = 2) -> str:
@@ -112,6 +114,8 @@ def gather(sources: Sequence[str], root: Path = common.REPO) -> tuple[list[Ours]
         o = load_ours(path)
         if o is None:
             skipped.append(f"{s}: no results")
+        elif o.summary is None:
+            skipped.append(f"{s}: trained on every image (CK+ protocol 'all'); nothing was evaluated")
         elif o.dataset not in ("ferplus", "ckplus"):
             skipped.append(f"{s}: dataset {o.dataset} has no published numbers")
         else:

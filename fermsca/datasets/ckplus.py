@@ -432,8 +432,9 @@ def load(config: ml_collections.ConfigDict, required: Sequence[str] = ()) -> Dat
     of each sequence and splits them by `config.protocol` (kfold | random | all)."""
     missing = [s for s in required if s != "train"] if config.protocol == "all" else []
     if missing:
-        raise DataError(f"ckplus: protocol 'all' puts every image in train; there is no "
-                        f"{' or '.join(missing)} split (use protocol 'kfold' or 'random')")
+        raise DataError(f"ckplus: protocol 'all' puts every image in train, so there is no "
+                        f"{' or '.join(missing)} split: nothing is held out to evaluate on (a model "
+                        "trained this way is scored by cross-validation: protocol 'kfold' or 'random')")
     frames = int(config.frames_per_sequence)
     if frames < 1:
         raise ValueError(f"frames_per_sequence must be >= 1, got {frames}")
