@@ -38,8 +38,10 @@ Array = jax.Array
 
 FACE_SIZE = 48  # the model's input: [N, 48, 48, 1] grayscale
 DEFAULT_TTA_SHIFT = 2  # pixels: training shifts by up to 5% of 48, about 2.4
-# The released FER+ weights (README, "Released weights"), package data of fermsca.
+# The released weights (README, "Released weights"), package data of fermsca: FER+ (8 classes, the
+# default everywhere) and CK+ (7 classes, trained on every CK+48 image after cross-validation).
 RELEASED_FERPLUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "released", "ferplus")
+RELEASED_CKPLUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "released", "ckplus")
 # Config fields that older checkpoints hold and this version no longer has, with the value under
 # which the code that remains computes the same thing (any other value cannot be honoured), or
 # ANY_VALUE for fields that never touched the model.

@@ -20,6 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (predict.load_model, XLA convolutions): the guard that the released weights keep their behaviour.
 RELEASED_LOGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                "released_ferplus_logits.npz")
+# The same for the released CK+ weights, computed by commit 5fe5c58's inference.load (XLA convolutions).
+RELEASED_CKPLUS_LOGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                      "released_ckplus_logits.npz")
+CKPLUS_CLASS_NAMES = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
 
 
 def onednn_unavailable() -> str | None:
@@ -70,6 +74,21 @@ def test_released_weights_give_the_pinned_logits(released, conv_impl):
 def test_released_weights_are_package_data():
     assert inference.RELEASED_FERPLUS == os.path.join(REPO, "fermsca", "released", "ferplus")
     assert checkpoint.find_checkpoint(inference.RELEASED_FERPLUS)[1] == 4290
+    assert inference.RELEASED_CKPLUS == os.path.join(REPO, "fermsca", "released", "ckplus")
+    assert checkpoint.find_checkpoint(inference.RELEASED_CKPLUS)[1] == 28000
+
+
+def test_released_ckplus_weights_give_the_pinned_logits():
+    """The CK+ model trained on every CK+48 image (protocol 'all', 200 epochs at the paper's
+    settings): 7 classes, its config says how it was trained, and its logits are pinned."""
+    pinned = np.load(RELEASED_CKPLUS_LOGITS)
+    images = faces_batch(8)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == str(pinned["images_sha256"])
+    model = inference.load(inference.RELEASED_CKPLUS)
+    assert model.step == int(pinned["step"]) == 28000 and model.class_names == CKPLUS_CLASS_NAMES
+    assert model.config.dataset.name == "ckplus" and model.config.dataset.protocol == "all"
+    assert (model.config.num_epochs, model.config.batch_size, model.config.loss) == (200, 7, "cosine")
+    np.testing.assert_allclose(model.logits(images), pinned["logits"], rtol=0, atol=1e-5)
 
 
 def test_importing_the_api_leaves_opencv_out():
