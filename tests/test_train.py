@@ -266,11 +266,19 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, reference_run,
     assert_same_params(final_params(reference_run[0]), final_params(workdir))
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path, data_dir, reference_run):
-    import shutil
+def test_checkpoint_from_another_config_is_refused(tmp_path, data_dir):
+    """A run's checkpoint of the TINY model (widths (8,)), resumed with widths (16,). The checkpoint
+    is written here, not trained, so this test does not wait for the shared reference run."""
+    import tiny_run
 
-    workdir = str(tmp_path / "mismatch")
-    shutil.copytree(reference_run[0], workdir)
+    from configs import default
+    from fermsca import inference
+
+    config = default.get_config()
+    config.model.stem_width, config.model.widths = 8, (8,)
+    variables = tiny_run.random_variables(inference.build_model(config.model, len(tiny_run.CLASS_NAMES)),
+                                          seed=0)
+    workdir = tiny_run.save_run_checkpoint(str(tmp_path / "mismatch"), config, variables, step=8)
     proc = run_main(workdir, data_dir, "--config.model.widths=(16,)", check=False)
     assert proc.returncode != 0
     assert "does not match the config" in proc.stderr
