@@ -616,7 +616,7 @@ def _check_finite(computed: dict, step: int, ckpts: checkpoint.RunCheckpoints) -
 
 
 def _evaluate_checkpoints(config, data, trainer: Trainer, state, ckpts, steps_per_epoch
-                          ) -> tuple[str, dict[str, dict]]:
+                          ) -> tuple[str | None, dict[str, dict]]:
     """Evaluates the best and last checkpoints on test (validation if there is no test split, or
     with `config.evaluate_test` off); returns that split's name and {"best"?, "last": evaluation},
     or (None, {}) when there is neither (every image in train)."""
