@@ -368,6 +368,17 @@ def summarize(fold_results: Sequence[dict], class_names: Sequence[str]) -> dict:
     }
 
 
+def write_summary(directory: str, summary: dict, class_names: Sequence[str], dataset_name: str) -> None:
+    """`summarize`'s record as `directory`/summary.json, and its pooled confusion matrix (the folds'
+    summed, the paper's Fig. 8) as `directory`/confusion_matrix.png."""
+    _write_json(os.path.join(directory, "summary.json"), summary)
+    report.plot_confusion_matrix(
+        np.asarray(summary["pooled"]["confusion_matrix"]), class_names,
+        os.path.join(directory, "confusion_matrix.png"),
+        title=f"{dataset_name} {summary['evaluated_split']}, {len(summary['repeats'])} folds summed "
+              f"(acc {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f})")
+
+
 def _write_json(path: str, record: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -499,12 +510,7 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
         "train_images_per_second": images / seconds if seconds else None,
         "device_kind": jax.devices()[0].device_kind,
     })
-    _write_json(os.path.join(workdir, "summary.json"), summary)
-    report.plot_confusion_matrix(
-        np.asarray(summary["pooled"]["confusion_matrix"]), class_names,
-        os.path.join(workdir, "confusion_matrix.png"),
-        title=f"{data[0].name} {eval_name}, {len(folds)} folds summed "
-              f"(acc {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f})")
+    write_summary(workdir, summary, class_names, data[0].name)
     log.info("%s accuracy %.4f ± %.4f over %d folds -> %s", eval_name, summary["accuracy_mean"],
              summary["accuracy_std"], len(folds), os.path.join(workdir, "summary.json"))
     return summary

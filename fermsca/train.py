@@ -418,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_chief = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
-    train_on_all = config.dataset.name == "ckplus" and config.dataset.protocol == "all"
+    train_on_all = config.dataset.protocol == "all"  # CK+ only (config_schema)
     data = datasets.load(config.dataset, required=("train",) if train_on_all else ("train", "validation"))
     validation = data.splits.get("validation")
     logging.info("dataset %s:\n%s", data.name, datasets.describe(data))

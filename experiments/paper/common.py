@@ -70,26 +70,32 @@ def reduced_mode(epochs: int) -> str:
     return f"{REDUCED_PREFIX}{epochs}"
 
 
+def reduced_epochs(mode: str) -> int | None:
+    """N of a reduced budget's mode `epochs_N`; None for any other mode."""
+    digits = mode[len(REDUCED_PREFIX):]
+    return int(digits) if mode.startswith(REDUCED_PREFIX) and digits.isdigit() else None
+
+
 def modes(study_dir: Path) -> list[str]:
     """The modes with a folder under `study_dir`, in table order: full, the reduced budgets
     (most epochs first), quick."""
-    reduced = sorted((d.name for d in study_dir.glob(f"{REDUCED_PREFIX}*") if d.is_dir()
-                      and d.name[len(REDUCED_PREFIX):].isdigit()),
-                     key=lambda m: -int(m[len(REDUCED_PREFIX):]))
+    reduced = sorted((d.name for d in study_dir.glob(f"{REDUCED_PREFIX}*")
+                      if d.is_dir() and reduced_epochs(d.name) is not None),
+                     key=lambda m: -reduced_epochs(m))
     return ["full", *reduced, "quick"]
 
 
 def mode_label(mode: str) -> str:
     """How tables name a mode: full, quick, or "reduced: <N> epochs"."""
-    if mode.startswith(REDUCED_PREFIX):
-        return f"reduced: {mode[len(REDUCED_PREFIX):]} epochs"
-    return mode
+    epochs = reduced_epochs(mode)
+    return mode if epochs is None else f"reduced: {epochs} epochs"
 
 
 def reduced_note(mode: str) -> str:
-    if not mode.startswith(REDUCED_PREFIX):
+    epochs = reduced_epochs(mode)
+    if epochs is None:
         return ""
-    return (f"Reduced budget: every row at {mode[len(REDUCED_PREFIX):]} epochs instead of the full "
+    return (f"Reduced budget: every row at {epochs} epochs instead of the full "
             "budget's (the paper's 200 for its tables), Table 1's boundaries scaled to it; "
             "everything else as the full budget. Rows compare with each other, not with the "
             "paper's 200-epoch numbers.")
@@ -308,8 +314,8 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
                           _opt(s.best_validation_accuracy), s.evaluated_split,
                           f"{s.epochs:g}", _fmt_seconds(s.wall_seconds), *paper, links])
         command = f"python -m experiments.paper.{study.name}{' --quick' if mode == 'quick' else ''}"
-        if mode.startswith(REDUCED_PREFIX):
-            command += f" --epochs {mode[len(REDUCED_PREFIX):]}"
+        if reduced_epochs(mode) is not None:
+            command += f" --epochs {reduced_epochs(mode)}"
         command += f" --dataset {dataset}"
         if dataset != "synthetic_faces":
             command += " --manual_dir DIR [--data_dir DIR]"
@@ -501,9 +507,7 @@ def summarize_folds(row_dir: Path, batch: Mapping[str, Any]) -> dict:
     mean +- std of the folds' accuracies and their confusion matrices summed
     (`fermsca.crossval.summarize`), and under "batches" each run that trained some of them (`batch`,
     the latest, replaces an earlier record of the same folds). Returns the summary."""
-    import numpy as np
-
-    from fermsca import crossval, report
+    from fermsca import crossval
 
     path = row_dir / "summary.json"
     batches = load_json(path).get("batches", []) if path.is_file() else []
@@ -511,12 +515,7 @@ def summarize_folds(row_dir: Path, batch: Mapping[str, Any]) -> dict:
     folds = [load_json(p) for p in row_results(row_dir)]
     class_names = folds[0]["dataset"]["class_names"]
     summary = {**crossval.summarize(folds, class_names), "batches": batches}
-    path.write_text(json.dumps(summary, indent=2))
-    report.plot_confusion_matrix(
-        np.asarray(summary["pooled"]["confusion_matrix"]), class_names,
-        str(row_dir / "confusion_matrix.png"),
-        title=f"{folds[0]['dataset']['name']} {summary['evaluated_split']}, {len(folds)} folds summed "
-              f"(acc {summary['accuracy_mean']:.4f} ± {summary['accuracy_std']:.4f})")
+    crossval.write_summary(str(row_dir), summary, class_names, folds[0]["dataset"]["name"])
     return summary
 
 

@@ -65,10 +65,10 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
             continue
         shown = True
         s = common.load_json(summary_path)
-        folds = common.row_results(row_dir)
-        epochs = {common.load_json(p)["epochs"] for p in folds}
+        folds = [common.load_json(p) for p in common.row_results(row_dir)]
+        epochs = {r["epochs"] for r in folds}
+        num_folds = {r["config"]["dataset"]["num_folds"] for r in folds}
         figure = row_dir / "confusion_matrix.png"
-        num_folds = {common.load_json(p)["config"]["dataset"]["num_folds"] for p in folds}
         rows.append([
             row.cells[0],
             f"**{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}** over {len(folds)} of "
