@@ -6,12 +6,13 @@ Each concept of the paper is a module of its own:
 - `MultiScaleConv`: the improved Inception module of Fig. 2, with BatchNorm and SE after the convolutions
   of each scale.
 - `ResidualBlock`: Fig. 3, MultiScaleConv -> conv + BN -> SE, plus a skip connection.
+- `Stem`: Fig. 4's first layers, 3x3 conv + BN + ReLU + 2x2 max-pool.
 - `FERNet`: Fig. 4, stem conv + pool + SE, three residual blocks with max-pooling between them, global
   average pooling and a dense classifier.
 
 The paper gives no layer widths; every width is an argument (and a config field). Parameters are kept in
 float32 (`param_dtype`); `dtype` sets the compute precision (e.g. `jnp.bfloat16`). The convolution,
-normalisation and pooling are module arguments (Flax's defaults; `fermsca.perf` has faster drop-ins).
+normalisation, pooling and stem are module arguments (Flax's defaults; `fermsca.perf` has faster drop-ins).
 
 Run `python -m fermsca.models` for a per-layer summary with parameter count and FLOPs.
 """
@@ -132,6 +133,25 @@ class ResidualBlock(nn.Module):
         return nn.relu(shortcut + y)
 
 
+class Stem(nn.Module):
+    """The first layers of Fig. 4: 3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool, stride 2.
+
+    FERNet shares its scope with the stem, so the stem's layers are FERNet's `stem_conv` and `stem_bn`.
+    """
+
+    features: int
+    conv: ModuleDef
+    norm: ModuleDef
+    pool: Callable
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H // 2, W // 2, features]
+        x = self.conv(self.features, (3, 3), padding="SAME", name="stem_conv")(x)
+        x = self.norm(name="stem_bn")(x)
+        x = nn.relu(x)
+        return self.pool(x, (2, 2), strides=(2, 2))
+
+
 class FERNet(nn.Module):
     """The multiscale convolutional attention residual network of Fig. 4.
 
@@ -140,7 +160,8 @@ class FERNet(nn.Module):
     average pooling -> [dropout] -> Dense(num_classes) logits (softmax is applied by the loss).
 
     The building blocks are arguments, as in Flax's ResNet: `conv` (an `nn.Conv`-like module),
-    `norm` (an `nn.BatchNorm`-like module) and `pool` (`nn.max_pool`'s signature).
+    `norm` (an `nn.BatchNorm`-like module), `pool` (`nn.max_pool`'s signature) and `stem` (`Stem`'s
+    fields and variables).
     """
 
     num_classes: int
@@ -154,6 +175,7 @@ class FERNet(nn.Module):
     conv: ModuleDef = nn.Conv
     norm: ModuleDef = nn.BatchNorm
     pool: Callable = nn.max_pool
+    stem: ModuleDef = Stem
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:  # [B, 48, 48, 1]
@@ -162,10 +184,9 @@ class FERNet(nn.Module):
                                  dtype=self.dtype)
         se = functools.partial(SqueezeExcite, self.se_reduction, dtype=self.dtype)
         x = x.astype(self.dtype)
-        x = conv(self.stem_width, (3, 3), padding="SAME", name="stem_conv")(x)
-        x = norm(name="stem_bn")(x)
-        x = nn.relu(x)
-        x = self.pool(x, (2, 2), strides=(2, 2))  # [B, 24, 24, stem]
+        stem = self.stem(self.stem_width, conv=conv, norm=norm, pool=self.pool)
+        nn.share_scope(self, stem)  # the stem's layers are this module's stem_conv and stem_bn
+        x = stem(x)  # [B, 24, 24, stem_width]
         x = se(name="stem_se")(x)
         multiscale = functools.partial(MultiScaleConv, conv=conv, norm=norm, se=se, pool=self.pool,
                                        use_bn=self.use_bn, use_se=self.use_se)
@@ -185,7 +206,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 def from_config(config: Any, num_classes: int, **blocks: Any) -> FERNet:
     """`FERNet` from the `model` sub-config (configs/default.py); `blocks` replace the default building
-    blocks (`conv`, `norm`, `pool`; `fermsca.perf.building_blocks` gives the fast ones)."""
+    blocks (`conv`, `norm`, `pool`, `stem`; `fermsca.perf.building_blocks` gives the fast ones)."""
     if config.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={config.dtype!r}: expected one of {sorted(DTYPES)}")
     return FERNet(

@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from fermsca import models, perf
-from fermsca.perf import batchnorm, pooling
+from fermsca.perf import batchnorm, pooling, stem
 
 SMALL = dict(num_classes=8, stem_width=8, widths=(8, 16, 32))
 
@@ -137,8 +137,8 @@ def test_building_blocks_defer_auto_to_the_trace(onednn):
 
 def test_building_blocks_are_drop_ins():
     blocks = perf.building_blocks(model_config("xla"))
-    assert set(blocks) == {"conv", "norm", "pool"} and blocks["pool"] is pooling.max_pool
-    assert blocks["norm"] is batchnorm.BatchNorm
+    assert set(blocks) == {"conv", "norm", "pool", "stem"} and blocks["pool"] is pooling.max_pool
+    assert blocks["norm"] is batchnorm.BatchNorm and blocks["stem"] is stem.FusedStem
     assert blocks["conv"].func is nn.Conv
     assert repr(blocks["conv"].keywords["conv_general_dilated"]) == "conv_function('xla')"
     fold = perf.building_blocks(model_config("xla"), lax.conv_general_dilated)

@@ -11,11 +11,13 @@ def test_cumulative_variants_add_one_lever_each():
         assert levers[:len(previous)] == previous and len(levers) == len(previous) + (variant != "baseline")
         previous = levers
     assert perf_levers.levers_of("baseline")[0] == ()
-    # argmax_pools, the end of the chain, is the default; xla_default is it without oneDNN.
-    assert set(perf_levers.levers_of("argmax_pools")[0]) == {
-        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv", "argmax_pools"}
+    # fused_stem, the end of the chain, is the default; xla_default is it without oneDNN.
+    assert set(perf_levers.levers_of("fused_stem")[0]) == {
+        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv", "argmax_pools", "fused_stem"}
     assert set(perf_levers.levers_of("xla_default")[0]) == {
-        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools"}
+        "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools", "fused_stem"}
+    assert set(perf_levers.levers_of("xla_default")[0]) - set(perf_levers.levers_of("xla_plain_stem")[0]) == {
+        "fused_stem"}
     assert set(perf_levers.levers_of("argmax_pools")[0]) - set(perf_levers.levers_of("nn_batchnorm")[0]) == {
         "fermsca_batchnorm"}
     assert perf_levers.levers_of("bfloat16")[1] == {"dtype": "bfloat16"}
@@ -35,6 +37,9 @@ def test_markdown_ratios():
     assert "| 120.0 | 0.80x | 1.20x |" in lines[4]
     assert "| 140.0 | (ablation) | 1.40x |" in lines[5]
     assert "failed" in lines[6]
+    subset = perf_levers.markdown({"table": [{"variant": "argmax_pools", "median_images_per_second": 200.0},
+                                             {"variant": "fused_stem", "median_images_per_second": 210.0}]})
+    assert subset.splitlines()[3].endswith("| 210.0 | 1.05x | - |")
 
 
 def test_earlier_3x3_pool_equals_flax_pooling():
@@ -56,7 +61,7 @@ def test_building_blocks_of_each_lever():
     import numpy as np
 
     from configs import default
-    from fermsca.perf import batchnorm, pooling
+    from fermsca.perf import batchnorm, pooling, stem
 
     model_config = default.get_config().model
     base = perf_levers.building_blocks(perf_levers.levers_of("baseline")[0], model_config)
@@ -67,6 +72,9 @@ def test_building_blocks_of_each_lever():
     full = perf_levers.building_blocks(perf_levers.levers_of("argmax_pools")[0], model_config)
     assert full["pool"] is pooling.max_pool and full["norm"] is batchnorm.BatchNorm
     assert repr(full["conv"].keywords["conv_general_dilated"]) == "conv_function('onednn')"
+    assert "stem" not in full
+    assert perf_levers.building_blocks(perf_levers.levers_of("fused_stem")[0], model_config)["stem"] is (
+        stem.FusedStem)
     x = jax.random.normal(jax.random.key(1), (2, 8, 6, 3))
     for args in (((2, 2), (2, 2), "VALID"), ((3, 3), (1, 1), "SAME"), ((2, 2), (1, 1), "SAME")):
         np.testing.assert_array_equal(perf_levers.reshape_max_pool(x, *args), nn.max_pool(x, *args))

@@ -319,7 +319,10 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__,
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "cpu": bench.cpu_model()},
+                 "cpu": bench.cpu_model(), "avx512": bench.avx512()},
+        # Instruction-set caps a run was given (e.g. XLA_FLAGS=--xla_cpu_max_isa=AVX2 and
+        # ONEDNN_MAX_CPU_ISA=AVX2, which PyTorch's oneDNN reads too, to time the AVX2 code paths).
+        "isa_caps": {name: os.environ.get(name) for name in ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA")},
     }
     if gflop:
         record["fraction_of_matmul"] = {name: v / matmul for name, v in record["achieved_gflops"].items()}

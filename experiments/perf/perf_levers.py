@@ -15,10 +15,13 @@ version to what `fermsca.perf.building_blocks` gives by default:
 - `onednn_conv`: + convolutions through oneDNN (`fermsca.perf.onednn_conv`);
 - `argmax_pools`: + `fermsca.perf.pooling.max_pool` (each pool records its window's argmax as int8 in
   the forward pass and routes the gradient by it; the pools before it take their gradient from JAX's
-  rule for `max`: compare, count ties, divide). This is the default on x86-64 Linux.
+  rule for `max`: compare, count ties, divide);
+- `fused_stem`: + `fermsca.perf.stem.FusedStem` (the stem's conv + BatchNorm + ReLU + pool in one pass,
+  statistics from the patches' Gram matrix). This is the default on x86-64 Linux.
 
-Ablations: `nn_batchnorm` (the default with `nn.BatchNorm`), `xla_default` (the default where oneDNN
-cannot run: everything but oneDNN), `no_donation` (`xla_default` without donating the state's
+Ablations: `nn_batchnorm` (`argmax_pools` with `nn.BatchNorm`), `xla_default` (the default where
+oneDNN cannot run: everything but oneDNN), `xla_plain_stem` (`xla_default` with `models.Stem`),
+`no_donation` (`xla_default` without donating the state's
 buffers to the step) and `bfloat16` (`xla_default` computing in bfloat16, parameters float32). An
 earlier lever measured no gain and was removed: the residual projection fused with the 1x1 branch
 into one convolution (experiments/perf/README.md has its numbers).
@@ -35,11 +38,12 @@ from fermsca import bench
 from fermsca.perf import hugepages
 
 CUMULATIVE = ("baseline", "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv",
-              "argmax_pools")
-_XLA_DEFAULT = ("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools")
+              "argmax_pools", "fused_stem")
+_XLA_DEFAULT = ("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools", "fused_stem")
 ABLATIONS = {  # variant: (levers on, config changes)
     "nn_batchnorm": (("fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools"), {}),
     "xla_default": (_XLA_DEFAULT, {}),
+    "xla_plain_stem": (_XLA_DEFAULT[:-1], {}),
     "no_donation": (_XLA_DEFAULT + ("no_donation",), {}),
     "bfloat16": (_XLA_DEFAULT, {"dtype": "bfloat16"}),
 }
@@ -81,11 +85,11 @@ def reshape_max_pool(x, window_shape, strides=None, padding="VALID"):
 
 
 def building_blocks(levers, model_config) -> dict:
-    """FERNet's convolution, normalisation and pool under `levers`."""
+    """FERNet's convolution, normalisation, pool and stem under `levers`."""
     import flax.linen as nn
 
     from fermsca import perf
-    from fermsca.perf import batchnorm, pooling
+    from fermsca.perf import batchnorm, pooling, stem
 
     if "argmax_pools" in levers:
         pool = pooling.max_pool
@@ -95,7 +99,10 @@ def building_blocks(levers, model_config) -> dict:
         pool = nn.max_pool
     conv = perf.building_blocks(model_config)["conv"] if "onednn_conv" in levers else nn.Conv
     norm = batchnorm.BatchNorm if "fermsca_batchnorm" in levers else nn.BatchNorm
-    return {"conv": conv, "norm": norm, "pool": pool}
+    blocks = {"conv": conv, "norm": norm, "pool": pool}
+    if "fused_stem" in levers:
+        blocks["stem"] = stem.FusedStem
+    return blocks
 
 
 def _worker(variant: str, seconds: float) -> dict:
@@ -117,11 +124,13 @@ NOTES = {
     "baseline": "plain Flax/XLA: nn.Conv, nn.max_pool, nn.BatchNorm, glibc malloc",
     "fermsca_pools": "max-pooling as reshape-max and separable shifted maxima",
     "fermsca_batchnorm": "BatchNorm as x * a + b",
-    "nn_batchnorm": "the default with nn.BatchNorm",
     "hugepage_malloc": "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
     "onednn_conv": "convolutions through the oneDNN custom call",
-    "argmax_pools": "pool gradients routed by a stored int8 argmax (the default)",
-    "xla_default": "the default where oneDNN cannot run: argmax_pools on XLA convolutions",
+    "argmax_pools": "pool gradients routed by a stored int8 argmax",
+    "fused_stem": "stem conv + BN + ReLU + pool in one pass (the default)",
+    "nn_batchnorm": "argmax_pools with nn.BatchNorm",
+    "xla_default": "the default where oneDNN cannot run: fused_stem on XLA convolutions",
+    "xla_plain_stem": "xla_default with the plain stem",
     "no_donation": "xla_default, state buffers not donated",
     "bfloat16": "xla_default, bfloat16 compute",
 }
@@ -133,16 +142,19 @@ def markdown(record: dict) -> str:
     lines = ["| variant | what changes | img/s (median) | vs previous | vs baseline |",
              "|---|---|---:|---:|---:|"]
     previous = None
+    base = rows.get("baseline", {}).get("median_images_per_second")
     for variant, row in rows.items():
         v = row["median_images_per_second"]
+        if not v:
+            lines.append(f"| `{variant}` | failed | | | |")
+            continue
         if variant in CUMULATIVE:
             step = f"{v / previous:.2f}x" if previous else "-"
             previous = v
         else:
             step = "(ablation)"
-        base = rows.get("baseline", {}).get("median_images_per_second")
-        lines.append(f"| `{variant}` | {NOTES.get(variant, '')} | {v:.1f} | {step} | "
-                     f"{v / base:.2f}x |" if v and base else f"| `{variant}` | failed | | | |")
+        against_base = f"{v / base:.2f}x" if base else "-"  # a run of some variants, baseline not among them
+        lines.append(f"| `{variant}` | {NOTES.get(variant, '')} | {v:.1f} | {step} | {against_base} |")
     return "\n".join(lines)
 
 

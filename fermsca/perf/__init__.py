@@ -7,7 +7,9 @@ chooses faster drop-ins with the same parameters and mathematics:
 - `conv`: `nn.Conv` whose convolution runs through oneDNN (`onednn_conv`, a CPU custom call) when
   `config.model.conv_impl` resolves to "onednn", XLA's otherwise;
 - `norm`: `batchnorm.BatchNorm`, the normalisation as one multiply-add per element;
-- `pool`: `pooling.max_pool`, whose gradient is routed by an int8 argmax stored in the forward pass.
+- `pool`: `pooling.max_pool`, whose gradient is routed by an int8 argmax stored in the forward pass;
+- `stem`: `stem.FusedStem` (float32), the stem's conv + BatchNorm + ReLU + pool in one pass over its
+  activations, with the BatchNorm statistics taken from the patches' Gram matrix.
 
 `hugepages` backs large allocations with transparent huge pages (called by the command-line entry
 points). What each lever gains, and the levers that were tried and removed, are measured in
@@ -25,7 +27,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 
-from fermsca.perf import batchnorm, pooling
+from fermsca.perf import batchnorm, pooling, stem
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,12 @@ class _LazyConvFunction:
 def building_blocks(model_config: Any, conv_general_dilated: Callable | None = None) -> dict[str, Any]:
     """FERNet's fast building blocks for `model_config` (its conv_impl and dtype), as keyword
     arguments of `models.from_config`: {"conv": nn.Conv on the chosen convolution, "norm":
-    `batchnorm.BatchNorm`, "pool": `pooling.max_pool`}. `conv_general_dilated` overrides the
-    convolution function (e.g. the per-fold convolution of `fermsca.crossval`)."""
+    `batchnorm.BatchNorm`, "pool": `pooling.max_pool`, "stem": `stem.FusedStem` (float32 only;
+    other dtypes keep `models.Stem`)}. `conv_general_dilated` overrides the convolution function (e.g.
+    the per-fold convolution of `fermsca.crossval`)."""
     conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, model_config.dtype)
-    return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "norm": batchnorm.BatchNorm,
-            "pool": pooling.max_pool}
+    blocks = {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "norm": batchnorm.BatchNorm,
+              "pool": pooling.max_pool}
+    if model_config.dtype == "float32":
+        blocks["stem"] = stem.FusedStem
+    return blocks
