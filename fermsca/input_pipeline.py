@@ -19,16 +19,23 @@ to the device. With the split kept on the device instead (`config.data_on_device
 `train.Trainer.put_train_split`), `train_index_iterator` yields only the batch's int32 indices (and
 drawn classes) and the jitted step gathers them (`gather_batch`): the same examples and targets, so
 the same training. `data_on_device` and `device_memory_problem` decide where the split goes.
+
+TensorFlow is imported by the functions that build tf.data pipelines (`train_iterator`,
+`eval_iterator`), not with the module: the index iterator and everything else run without it.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 from absl import logging
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 # Threads for one pipeline's tf.data work. Gathering a batch of 48x48 images takes tens of
 # microseconds, so a couple of threads keep far ahead of any train step and leave the host's cores
@@ -37,7 +44,21 @@ _TF_DATA_THREADS = 2
 _NO_END = np.iinfo(np.int64).max
 
 
-def _keep_tf_off_accelerators() -> None:
+TF_MISSING = ("the tf.data input pipeline needs TensorFlow (pip install tensorflow); training with the "
+              "split on the device (config.data_on_device) reads indices without it")
+
+
+def _tensorflow():
+    """The `tensorflow` module, GPUs hidden from it; ImportError saying what needs it if absent."""
+    try:
+        import tensorflow
+    except ImportError as e:
+        raise ImportError(f"{TF_MISSING} ({e})") from e
+    _keep_tf_off_accelerators(tensorflow)
+    return tensorflow
+
+
+def _keep_tf_off_accelerators(tf) -> None:
     """Hides GPUs from TensorFlow so it neither claims their memory nor competes with JAX."""
     try:
         tf.config.set_visible_devices([], "GPU")
@@ -46,7 +67,7 @@ def _keep_tf_off_accelerators() -> None:
             logging.warning("TensorFlow was initialised before the input pipeline and sees GPUs.")
 
 
-def _options() -> tf.data.Options:
+def _options(tf) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     options.threading.private_threadpool_size = _TF_DATA_THREADS
@@ -258,6 +279,7 @@ def train_iterator(
     _, _, batch = _process_shard(global_batch_size, process_index, process_count)
     num_classes = targets.shape[1]
     sample = bool(split.sample_labels)
+    tf = _tensorflow()
 
     def epoch_plan_np(epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
         order, classes = plan(int(epoch))
@@ -269,7 +291,6 @@ def train_iterator(
         classes.set_shape([None, batch])
         return order, classes
 
-    _keep_tf_off_accelerators()
     images_t = tf.constant(images)
     targets_t = tf.constant(targets)
 
@@ -284,7 +305,7 @@ def train_iterator(
     ds = ds.map(plan_op).prefetch(1)  # the next epoch's order is ready before it is needed
     ds = ds.unbatch()
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     return ds.as_numpy_iterator()
 
 
@@ -313,7 +334,7 @@ def eval_iterator(
     real = position < num_examples
     order = np.where(real, position, 0)
 
-    _keep_tf_off_accelerators()
+    tf = _tensorflow()
     images_t = tf.constant(images)
     targets_t = tf.constant(targets)
 
@@ -326,5 +347,5 @@ def eval_iterator(
 
     ds = tf.data.Dataset.from_tensor_slices((order, real.astype(np.float32)))
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     return ds.as_numpy_iterator()

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, metrics, periodic_actions
+from clu import metrics
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -416,6 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     is_chief = jax.process_index() == 0
+    from clu import metric_writers, periodic_actions  # their TensorBoard writer imports TensorFlow
+
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
     train_on_all = config.dataset.protocol == "all"  # CK+ only (config_schema)

@@ -1,13 +1,18 @@
 """experiments/perf/gpu_step.py on this machine's backend, at its smallest: it runs, times both feeds
 (host batches, and indices into the split on the device) and its record holds what the projection
-needs."""
+needs; without TensorFlow, the device feed runs and the host feed says what it needs."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from experiments.perf import gpu_step
 from fermsca import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_synthetic_split_is_ferplus_shaped():
@@ -38,3 +43,62 @@ def test_spent_budget_skips_and_bad_feed_is_refused(tmp_path):
     assert len(results) == 4 and all(r["skipped"] == "--budget_seconds spent" for r in results)
     with pytest.raises(cli.ConfigError, match="--feeds disk: host and/or device"):
         gpu_step.run(["--quick", "--feeds", "disk", "--output", str(out)])
+
+
+# Runs gpu_step in a fresh interpreter where TensorFlow and TFDS cannot be imported (as on a GPU
+# machine without them) and records every `import` statement that names them.
+_WITHOUT_TF = """
+import builtins, json, runpy, sys
+sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None
+attempts, builtin_import = [], builtins.__import__
+
+def recording_import(name, *args, **kwargs):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+        attempts.append(name)
+    return builtin_import(name, *args, **kwargs)
+
+builtins.__import__ = recording_import
+mode, argv = sys.argv[1], sys.argv[2:]
+try:
+    if mode == "main":
+        sys.argv = ["gpu_step", *argv]
+        runpy.run_module("experiments.perf.gpu_step", run_name="__main__")
+    else:
+        from experiments.perf import gpu_step
+        from fermsca import cli
+        try:
+            gpu_step.run(argv)
+        except cli.ConfigError as e:
+            print("ConfigError:", e)
+finally:
+    loaded = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")
+              and sys.modules[m] is not None]
+    print("TF:", json.dumps({"attempts": attempts, "loaded": loaded}))
+"""
+
+
+def _run_without_tf(mode: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TF, mode, *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _tf_record(stdout: str) -> dict:
+    return json.loads(stdout.rsplit("TF: ", 1)[1])
+
+
+def test_device_feed_runs_without_tensorflow(tmp_path):
+    out = tmp_path / "step.json"
+    done = _run_without_tf("main", "--quick", "--feeds", "device", "--steps_per_dispatch", "1",
+                           "--warmup", "0", "--seconds", "0.1", "--output", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _tf_record(done.stdout) == {"attempts": [], "loaded": []}
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["feed"] == "device" and result["images_per_second"] > 0
+
+
+def test_host_feed_without_tensorflow_says_it_needs_it(tmp_path):
+    done = _run_without_tf("run", "--quick", "--feeds", "host", "--output", str(tmp_path / "step.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("ConfigError: --feeds host needs TensorFlow for its tf.data pipeline (pip install tensorflow); "
+            "--feeds device does not\n") in done.stdout
+    assert _tf_record(done.stdout)["loaded"] == [] and not (tmp_path / "step.json").exists()

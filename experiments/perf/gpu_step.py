@@ -24,6 +24,10 @@ start after `--budget_seconds`, 150 s, are recorded as skipped; not yet timed on
     pip install -e '.[cuda]'
     python -m experiments.perf.gpu_step
 
+The device feed needs neither TensorFlow nor tensorflow_datasets (jax with CUDA, flax, optax,
+orbax-checkpoint, numpy, ml_collections, clu, absl): where they are missing, run
+`python -m experiments.perf.gpu_step --feeds device`; `--feeds host` says it needs TensorFlow.
+
 `--quick` (a tiny model, batch 8, float32, K 1 and 2, a split of 256, short windows; flags given still
 count) checks the script on a CPU in about half a minute, most of it compilation.
 """
@@ -51,6 +55,15 @@ def synthetic_split(num_images: int, seed: int = 0) -> types.SimpleNamespace:
     """A training split of `num_images` uint8 [48, 48, 1] noise images with one-hot targets [8]."""
     images, targets = bench.random_batch(num_images, NUM_CLASSES, seed=seed)
     return types.SimpleNamespace(images=images, targets=targets, sample_labels=False)
+
+
+def check_host_feed() -> None:
+    """The host feed's tf.data pipeline needs TensorFlow; the device feed does not."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise cli.ConfigError("--feeds host needs TensorFlow for its tf.data pipeline (pip install "
+                              "tensorflow); --feeds device does not") from None
 
 
 def _timed(call, state, calls: int | None, seconds: float):
@@ -161,6 +174,8 @@ def run(argv: list[str] | None = None) -> dict:
     feeds = args.feeds.split(",")
     if not feeds or not set(feeds) <= set(FEEDS):
         raise cli.ConfigError(f"--feeds {args.feeds}: host and/or device")
+    if "host" in feeds:
+        check_host_feed()
     dtypes = args.dtypes.split(",")
     if not set(dtypes) <= {"float32", "bfloat16"}:
         raise cli.ConfigError(f"--dtypes {args.dtypes}: float32 and/or bfloat16")

@@ -4,26 +4,35 @@ Each dataset module owns its loading (`<module>.load(config, required)`): its bu
 mode or CK+'s evaluation protocol, and its report. `load(config.dataset)` picks the module by name
 and applies `train_subset`. See README.md here for the source layouts, manual download steps,
 label modes and measured counts.
+
+The builder modules (and with them tensorflow_datasets) are imported when a dataset is loaded or
+one of them is named (`datasets.ferplus`); `CLASS_NAMES` and the dataset names are plain data, so
+code that only needs them (a config check, a benchmark on random images) runs without TFDS.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import ml_collections
 from absl import logging
 
-from fermsca.datasets import ckplus, ferplus, synthetic_faces
-from fermsca.datasets._common import (
-    IMAGE_SIZE,
-    SPLITS,
-    DataError,
-    Dataset,
-    Split,
-    describe,
-    source_fingerprint,
-)
+from fermsca.datasets import labels
+
+if TYPE_CHECKING:
+    from fermsca.datasets import ckplus, ferplus, synthetic_faces  # noqa: F401
+    from fermsca.datasets._common import (
+        IMAGE_SIZE,
+        SPLITS,
+        DataError,
+        Dataset,
+        Split,
+        describe,
+        source_fingerprint,
+    )
 
 __all__ = [
     "CLASS_NAMES",
@@ -37,8 +46,23 @@ __all__ = [
     "source_fingerprint",
 ]
 
-_MODULES = {"synthetic_faces": synthetic_faces, "ferplus": ferplus, "ckplus": ckplus}
-CLASS_NAMES = {name: module.CLASS_NAMES for name, module in _MODULES.items()}
+_BUILDER_MODULES = ("synthetic_faces", "ferplus", "ckplus")
+# Each builder module's CLASS_NAMES, as data so that reading them loads no builder (`load` checks them).
+CLASS_NAMES = {
+    "synthetic_faces": labels.EMOTIONS,
+    "ferplus": labels.EMOTIONS,
+    "ckplus": ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise"),
+}
+_COMMON = ("IMAGE_SIZE", "SPLITS", "DataError", "Dataset", "Split", "describe", "source_fingerprint")
+
+
+def __getattr__(name: str):
+    """The builder modules and `_common`'s names, imported on first use (PEP 562)."""
+    if name in _BUILDER_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _COMMON:
+        return getattr(importlib.import_module(f"{__name__}._common"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load(config: ml_collections.ConfigDict, required: Sequence[str] = ("train", "validation")) -> Dataset:
@@ -49,12 +73,16 @@ def load(config: ml_collections.ConfigDict, required: Sequence[str] = ("train", 
     `config.train_subset` > 0 the train split keeps its first `train_subset` examples. Raises
     DataError for bad or missing input, naming the file, row or folder to fix.
     """
+    from fermsca.datasets._common import SPLITS
+
     unknown = [s for s in required if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; expected among {SPLITS}")
-    if config.name not in _MODULES:
-        raise ValueError(f"unknown dataset {config.name!r}; expected one of {sorted(_MODULES)}")
-    dataset = _MODULES[config.name].load(config, required)
+    if config.name not in _BUILDER_MODULES:
+        raise ValueError(f"unknown dataset {config.name!r}; expected one of {sorted(_BUILDER_MODULES)}")
+    dataset = importlib.import_module(f"{__name__}.{config.name}").load(config, required)
+    if tuple(dataset.class_names) != CLASS_NAMES[config.name]:  # the copy above fell out of date
+        raise RuntimeError(f"datasets.CLASS_NAMES[{config.name!r}] differs from {dataset.class_names}")
     if config.train_subset and "train" in dataset.splits:
         train = _first(dataset.splits["train"], config.train_subset)
         dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": train})
