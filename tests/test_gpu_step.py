@@ -58,18 +58,9 @@ def recording_import(name, *args, **kwargs):
     return builtin_import(name, *args, **kwargs)
 
 builtins.__import__ = recording_import
-mode, argv = sys.argv[1], sys.argv[2:]
 try:
-    if mode == "main":
-        sys.argv = ["gpu_step", *argv]
-        runpy.run_module("experiments.perf.gpu_step", run_name="__main__")
-    else:
-        from experiments.perf import gpu_step
-        from fermsca import cli
-        try:
-            gpu_step.run(argv)
-        except cli.ConfigError as e:
-            print("ConfigError:", e)
+    sys.argv = ["gpu_step", *sys.argv[1:]]
+    runpy.run_module("experiments.perf.gpu_step", run_name="__main__")
 finally:
     loaded = [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")
               and sys.modules[m] is not None]
@@ -77,8 +68,8 @@ finally:
 """
 
 
-def _run_without_tf(mode: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _WITHOUT_TF, mode, *argv], cwd=REPO, capture_output=True,
+def _run_without_tf(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TF, *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -88,7 +79,7 @@ def _tf_record(stdout: str) -> dict:
 
 def test_device_feed_runs_without_tensorflow(tmp_path):
     out = tmp_path / "step.json"
-    done = _run_without_tf("main", "--quick", "--feeds", "device", "--steps_per_dispatch", "1",
+    done = _run_without_tf("--quick", "--feeds", "device", "--steps_per_dispatch", "1",
                            "--warmup", "0", "--seconds", "0.1", "--output", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert _tf_record(done.stdout) == {"attempts": [], "loaded": []}
@@ -97,8 +88,9 @@ def test_device_feed_runs_without_tensorflow(tmp_path):
 
 
 def test_host_feed_without_tensorflow_says_it_needs_it(tmp_path):
-    done = _run_without_tf("run", "--quick", "--feeds", "host", "--output", str(tmp_path / "step.json"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert ("ConfigError: --feeds host needs TensorFlow for its tf.data pipeline (pip install tensorflow); "
-            "--feeds device does not\n") in done.stdout
+    done = _run_without_tf("--quick", "--feeds", "host", "--output", str(tmp_path / "step.json"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --feeds host needs TensorFlow for its tf.data pipeline (pip install tensorflow); "
+        "--feeds device does not")
     assert _tf_record(done.stdout)["loaded"] == [] and not (tmp_path / "step.json").exists()

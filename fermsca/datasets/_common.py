@@ -7,10 +7,13 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # imported where builders are used, so the error type loads without TFDS
+    import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 48
 SPLITS = ("train", "validation", "test")
@@ -137,6 +140,8 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None, entries: 
     A stored build is used only when `manual_dir` is unset or still fingerprints the same: changed,
     added or removed raw files, or another folder, are a DataError that says how to rebuild.
     """
+    import tensorflow_datasets as tfds
+
     fingerprint = (None if manual_dir is None else
                    source_fingerprint(manual_dir, entries, is_label_file))
     if builder.is_prepared() and not rebuild:
@@ -170,6 +175,8 @@ def _stale_message(builder: tfds.core.DatasetBuilder, stored: dict | None, found
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
     """Every feature of a built split as NumPy arrays; text features as str arrays."""
+    import tensorflow_datasets as tfds
+
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
     return {
         key: np.array([v.decode() for v in value], dtype=str) if value.dtype.kind in "OS" else value
