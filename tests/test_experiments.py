@@ -266,6 +266,29 @@ def test_cross_validated_rows_get_per_class_accuracy_pooled_over_folds(tmp_path)
     assert len(pooled_rows) == 1  # only the row with a cross-validation summary
 
 
+def test_a_row_of_the_same_configuration_elsewhere_stands_in_and_says_so(tmp_path):
+    """Table 3's SE + BN row is Table 2's Table 1 row: trained once, shown in both tables."""
+    base = tmp_path / "table3_ablation" / "epochs_20"
+    for k in range(2):
+        write(tmp_path / "table2_lr" / "epochs_20" / "ckplus-table1" / f"fold_{k}",
+              fake_results(0.9 + 0.02 * k, "ckplus", epochs=20))
+    # Only Table 2's row has results: no Table 3 table.
+    assert common.study_table(table3_ablation.STUDY, "epochs_20", results_root=tmp_path) is None
+    write(base / "ckplus-se0_bn0" / "fold_0", fake_results(0.8, "ckplus", epochs=20))
+    text = common.study_table(table3_ablation.STUDY, "epochs_20", results_root=tmp_path)
+    (row,) = [line for line in text.splitlines() if line.startswith("| ✓ | ✓ |")]
+    assert "0.9100 ± 0.0141 (n=2)" in row and "Table 2's Table 1 row (same configuration, run once)" in row
+    targets = link_targets(row)
+    assert targets == ["../../table2_lr/epochs_20/ckplus-table1/fold_0/results.json",
+                       "../../table2_lr/epochs_20/ckplus-table1/fold_1/results.json"]
+    assert all((base / t).is_file() for t in targets)
+    # Its own results, once it has them, come first.
+    write(base / "ckplus-se1_bn1" / "fold_0", fake_results(0.7, "ckplus", epochs=20))
+    text = common.study_table(table3_ablation.STUDY, "epochs_20", results_root=tmp_path)
+    (row,) = [line for line in text.splitlines() if line.startswith("| ✓ | ✓ |")]
+    assert "0.7000" in row and "same configuration" not in row
+
+
 def test_study_table_is_none_without_results(tmp_path):
     assert common.study_table(table3_ablation.STUDY, "full", results_root=tmp_path) is None
     assert common.write_table(table3_ablation.STUDY, "full", results_root=tmp_path) is None

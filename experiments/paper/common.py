@@ -110,12 +110,16 @@ class Row:
     """One row of a study: a name (its directory), its label cells and its config overrides.
 
     `paper` holds published accuracies by key of `Study.paper_columns` (e.g. "ferplus").
+    `same_as` = (study, row, label): another study's row of the same configuration, whose results
+    the table shows (saying so, with `label`) where this row has none of its own in that mode, so
+    the configuration is trained once.
     """
 
     name: str
     cells: tuple[str, ...]
     overrides: Mapping[str, Any]
     paper: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    same_as: tuple[str, str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,9 +295,10 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
     relative_to = base if relative_to is None else relative_to
     blocks = []
     for dataset in study.datasets:
-        found = {row.name: row_results(base / f"{dataset}-{row.name}") for row in study.rows}
-        if not any(found.values()):
-            continue
+        row_dirs = {row.name: row_dir(row, results_root, study.name, mode, dataset) for row in study.rows}
+        found = {row.name: row_results(row_dirs[row.name]) for row in study.rows}
+        if not any(row_results(base / f"{dataset}-{row.name}") for row in study.rows):
+            continue  # rows shown from another study alone do not make a table
         headers = [*study.row_headers, "Accuracy", "Macro F1", "Best val. acc.", "Evaluated on",
                    "Epochs", "Wall s / run", *(h for _, h in study.paper_columns), "Results"]
         lines, setup = [], None
@@ -310,6 +315,8 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
                 links = link("results.json", paths[0], relative_to)
             else:
                 links = " ".join(link(p.parent.name.split("_")[-1], p, relative_to) for p in paths)
+            if row_dirs[row.name] != base / f"{dataset}-{row.name}":
+                links = f"{row.same_as[2]} (same configuration, run once): {links}"
             lines.append([*row.cells, format_mean_std(s.accuracy), format_mean_std(s.macro_f1),
                           _opt(s.best_validation_accuracy), s.evaluated_split,
                           f"{s.epochs:g}", _fmt_seconds(s.wall_seconds), *paper, links])
@@ -320,8 +327,7 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
         if dataset != "synthetic_faces":
             command += " --manual_dir DIR [--data_dir DIR]"
         hashes = "#" * (heading_level + 1)
-        pooled = pooled_table(study, [(row, base / f"{dataset}-{row.name}") for row in study.rows],
-                              relative_to)
+        pooled = pooled_table(study, [(row, row_dirs[row.name]) for row in study.rows], relative_to)
         blocks.append(f"{hashes} {DATASET_TITLES[dataset]}\n\n`{command}`\n\n"
                       f"Setup: {setup}.\n\n" + markdown_table(headers, lines)
                       + (f"\n{pooled}" if pooled else ""))
@@ -332,6 +338,16 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
     if notes:
         head += "\n\n".join(notes) + "\n\n"
     return head + "\n".join(blocks)
+
+
+def row_dir(row: Row, results_root: Path, study: str, mode: str, dataset: str) -> Path:
+    """Where `row`'s results are: its own directory, or its `same_as` row's where only that one has
+    results in `mode`."""
+    own = results_root / study / mode / f"{dataset}-{row.name}"
+    if row.same_as is None or row_results(own):
+        return own
+    other = results_root / row.same_as[0] / mode / f"{dataset}-{row.same_as[1]}"
+    return other if row_results(other) else own
 
 
 def pooled_table(study: Study, rows: Sequence[tuple[Row, Path]], relative_to: Path) -> str | None:
