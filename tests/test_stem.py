@@ -109,14 +109,15 @@ def test_fused_stem_matches_flax_stem(train):
 
 def test_fernet_with_perf_building_blocks_keeps_variables_and_logits():
     """FERNet on perf.building_blocks (FusedStem among them) against plain Flax: identical initial
-    variables (checkpoints are interchangeable) and the same logits and gradients."""
+    variables (checkpoints are interchangeable) and the same training logits and gradients
+    (evaluation: test_fused_stem_matches_flax_stem)."""
     cfg = type("M", (), dict(conv_impl="xla", dtype="float32"))()
     blocks = perf.building_blocks(cfg)
     assert blocks["stem"] is stem.FusedStem
     fast = models.FERNet(num_classes=5, stem_width=8, widths=(8, 16, 16), **blocks)
     plain = models.FERNet(num_classes=5, stem_width=8, widths=(8, 16, 16))
     x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 24, 24, 1)).astype(np.float32))
-    v_fast, v_plain = fast.init(jax.random.key(0), x), plain.init(jax.random.key(0), x)
+    v_fast, v_plain = jax.jit(fast.init)(jax.random.key(0), x), jax.jit(plain.init)(jax.random.key(0), x)
     assert jax.tree.structure(v_fast) == jax.tree.structure(v_plain)
     for a, b in zip(jax.tree.leaves(v_fast), jax.tree.leaves(v_plain), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -131,8 +132,6 @@ def test_fernet_with_perf_building_blocks_keeps_variables_and_logits():
     np.testing.assert_allclose(l_fast, l_plain, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-    evaluate = jax.jit(lambda v, model: model.apply(v, x), static_argnums=1)
-    np.testing.assert_allclose(evaluate(v_plain, fast), evaluate(v_plain, plain), rtol=1e-4, atol=1e-4)
     # Other dtypes keep the plain stem.
     assert "stem" not in perf.building_blocks(type("M", (), dict(conv_impl="xla", dtype="bfloat16"))())
 
