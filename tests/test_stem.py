@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_run
 
 from fermsca import models, perf
 from fermsca.perf import batchnorm, stem
@@ -120,16 +121,7 @@ def test_fernet_with_perf_building_blocks_keeps_variables_and_logits():
     x = jnp.asarray(rng.standard_normal((4, 24, 24, 1)).astype(np.float32))
     shapes = jax.eval_shape(plain.init, jax.random.key(0), x)
     assert jax.eval_shape(fast.init, jax.random.key(0), x) == shapes
-
-    def value(path, s):  # kernels scaled by fan-in, BatchNorm scales near 1, variances positive
-        name = jax.tree_util.keystr(path[-1:])
-        if "kernel" in name:
-            return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-        if "scale" in name or "var" in name:
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
-        return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
-
-    variables = jax.tree_util.tree_map_with_path(value, shapes)
+    variables = tiny_run.random_variables(plain, seed=4)
 
     def loss(params, model):
         logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])

@@ -71,10 +71,8 @@ def conv_relu_pool(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _conv_relu_pool_fwd(x, w, b):
-    q = pooling._quadrants(jax.nn.relu(_pre_activation(patches(x), w, b)))
-    m = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
-    first = jnp.where(q[0] == m, 0, jnp.where(q[1] == m, 1, jnp.where(q[2] == m, 2, 3)))
-    return m, (x, w, b, first.astype(jnp.int8))
+    m, first = pooling._pool_2x2_fwd(jax.nn.relu(_pre_activation(patches(x), w, b)), x.shape[1:3])
+    return m, (x, w, b, first)
 
 
 def _conv_relu_pool_bwd(residuals, g):
