@@ -21,18 +21,18 @@ import ml_collections
 from absl import logging
 
 from fermsca.datasets import labels
+from fermsca.datasets._common import (
+    IMAGE_SIZE,
+    SPLITS,
+    DataError,
+    Dataset,
+    Split,
+    describe,
+    source_fingerprint,
+)
 
 if TYPE_CHECKING:
     from fermsca.datasets import ckplus, ferplus, synthetic_faces  # noqa: F401
-    from fermsca.datasets._common import (
-        IMAGE_SIZE,
-        SPLITS,
-        DataError,
-        Dataset,
-        Split,
-        describe,
-        source_fingerprint,
-    )
 
 __all__ = [
     "CLASS_NAMES",
@@ -47,21 +47,18 @@ __all__ = [
 ]
 
 _BUILDER_MODULES = ("synthetic_faces", "ferplus", "ckplus")
-# Each builder module's CLASS_NAMES, as data so that reading them loads no builder (`load` checks them).
+# Each builder module's CLASS_NAMES (they take them from `labels`), readable without loading a builder.
 CLASS_NAMES = {
     "synthetic_faces": labels.EMOTIONS,
     "ferplus": labels.EMOTIONS,
-    "ckplus": ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise"),
+    "ckplus": labels.CKPLUS_EMOTIONS,
 }
-_COMMON = ("IMAGE_SIZE", "SPLITS", "DataError", "Dataset", "Split", "describe", "source_fingerprint")
 
 
 def __getattr__(name: str):
-    """The builder modules and `_common`'s names, imported on first use (PEP 562)."""
+    """The builder modules, imported on first use (PEP 562)."""
     if name in _BUILDER_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if name in _COMMON:
-        return getattr(importlib.import_module(f"{__name__}._common"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -73,16 +70,12 @@ def load(config: ml_collections.ConfigDict, required: Sequence[str] = ("train", 
     `config.train_subset` > 0 the train split keeps its first `train_subset` examples. Raises
     DataError for bad or missing input, naming the file, row or folder to fix.
     """
-    from fermsca.datasets._common import SPLITS
-
     unknown = [s for s in required if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; expected among {SPLITS}")
     if config.name not in _BUILDER_MODULES:
         raise ValueError(f"unknown dataset {config.name!r}; expected one of {sorted(_BUILDER_MODULES)}")
     dataset = importlib.import_module(f"{__name__}.{config.name}").load(config, required)
-    if tuple(dataset.class_names) != CLASS_NAMES[config.name]:  # the copy above fell out of date
-        raise RuntimeError(f"datasets.CLASS_NAMES[{config.name!r}] differs from {dataset.class_names}")
     if config.train_subset and "train" in dataset.splits:
         train = _first(dataset.splits["train"], config.train_subset)
         dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": train})

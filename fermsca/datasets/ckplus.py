@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from fermsca import faces
+from fermsca.datasets import labels
 from fermsca.datasets._common import (
     IMAGE_SIZE,
     DataError,
@@ -46,7 +47,7 @@ from fermsca.datasets._common import (
     read_split,
 )
 
-CLASS_NAMES = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
+CLASS_NAMES = labels.CKPLUS_EMOTIONS
 # Emotion codes of the official release: 0 (neutral) is never used as a sequence label.
 EMOTION_CODES = {code: name for code, name in enumerate(CLASS_NAMES, start=1)}
 DEFAULT_FRAMES = 3

@@ -40,6 +40,8 @@ EMOTIONS = (
     "contempt",
 )
 VOTE_NAMES = EMOTIONS + ("unknown", "NF")
+# CK+'s seven sequence labels, in the order of the official emotion codes 1-7 (`ckplus`).
+CKPLUS_EMOTIONS = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")
 NUM_EMOTIONS = len(EMOTIONS)
 LABEL_MODES = ("majority", "crossentropy", "probability", "multi_target")
 
