@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.dataset.split_seed = 0
     c.dataset.rebuild = False  # rebuild the stored TFDS set from manual_dir (e.g. after relabelling)
     c.dataset.train_subset = 0  # > 0: train on the first N training examples only (quick runs)
+    # A file written by `python -m fermsca.datasets.packed`: read instead of building the dataset
+    # (no TFDS or TensorFlow needed); its content fields must match the ones above.
+    c.dataset.packed_file = ml_collections.config_dict.placeholder(str)
 
     # FERNet (Fig. 4). The paper gives no widths: these are ours (~1.25M parameters).
     c.model = ml_collections.ConfigDict()

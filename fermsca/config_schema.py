@@ -90,6 +90,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "dataset.split_seed": _at_least(0),
     "dataset.rebuild": _bool,
     "dataset.train_subset": _at_least(0),
+    "dataset.packed_file": _text_or_none,
     "model.stem_width": _at_least(1),
     "model.widths": _int_tuple(1),
     "model.use_bn": _bool,

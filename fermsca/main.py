@@ -72,9 +72,19 @@ def _train(argv) -> int:
     elif FLAGS.distributed:
         jax.distributed.initialize()
 
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:  # a packed dataset with the split on the device needs no TensorFlow
+        from fermsca import input_pipeline
 
-    tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
+        if not FLAGS.config.dataset.packed_file or not input_pipeline.data_on_device(
+                FLAGS.config.data_on_device, jax.default_backend()):
+            raise cli.ConfigError(
+                "TensorFlow is not installed: without it, training reads a packed dataset "
+                "(config.dataset.packed_file, written by python -m fermsca.datasets.packed) with the "
+                "training split on the device (config.data_on_device='on'; 'auto' on a GPU)") from None
+    else:
+        tf.config.set_visible_devices([], "GPU")  # tf.data only: leave accelerators to JAX
 
     from fermsca import run_record, train
 

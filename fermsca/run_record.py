@@ -26,11 +26,11 @@ RESULTS_FILE = "results.json"
 
 
 def versions() -> dict[str, str]:
-    """The versions of fermsca, its main libraries and Python."""
+    """The versions of fermsca, its main libraries and Python (TFDS from its package metadata: a
+    run on a packed dataset does not import it, and may run where it is not installed)."""
     import flax
     import optax
     import orbax.checkpoint
-    import tensorflow_datasets
 
     import fermsca
 
@@ -38,8 +38,17 @@ def versions() -> dict[str, str]:
             "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
             "flax": flax.__version__, "optax": optax.__version__,
             "orbax_checkpoint": orbax.checkpoint.__version__,
-            "tensorflow_datasets": tensorflow_datasets.__version__,
+            "tensorflow_datasets": _installed_version("tensorflow-datasets"),
             "python": platform.python_version()}
+
+
+def _installed_version(distribution: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def git_commit() -> str | None:

@@ -416,9 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh()
     is_chief = jax.process_index() == 0
-    from clu import metric_writers, periodic_actions  # their TensorBoard writer imports TensorFlow
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    writer, report_progress = _metric_writer(workdir, is_chief)
 
     train_on_all = config.dataset.protocol == "all"  # CK+ only (config_schema)
     data = datasets.load(config.dataset, required=("train",) if train_on_all else ("train", "validation"))
@@ -468,8 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        val_accuracy=val_accuracy)
 
         writer.write_hparams(run_record.hparams(config))
-        progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                                   every_steps=config.log_every_steps)
+        progress = report_progress(num_train_steps=num_steps, writer=writer,
+                                   every_steps=config.log_every_steps)
         train_data = _device_train_split(config, trainer, train_split)
         batches = input_pipeline.train_iterator if train_data is None else \
             input_pipeline.train_index_iterator
@@ -580,6 +578,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     except BaseException:
         ckpts.close()  # finish pending saves and stop the writer threads before the error exits
         raise
+
+
+class _LogWriter:
+    """The metric writer where clu's cannot load (it imports TensorFlow for TensorBoard): scalars
+    and hyperparameters go to the log; results.json holds every epoch's metrics either way."""
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in scalars.items()))
+
+    def write_hparams(self, hparams: dict) -> None:
+        logging.info("hyperparameters: %s", hparams)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _metric_writer(workdir: str, is_chief: bool) -> tuple[Any, Callable]:
+    """(writer, progress-reporter factory): clu's TensorBoard writer and `ReportProgress`, or, where
+    TensorFlow is missing (a lent GPU machine), `_LogWriter` and no progress reports."""
+    try:
+        from clu import metric_writers, periodic_actions  # TensorBoard's writer imports TensorFlow
+    except ImportError as error:
+        logging.warning("no TensorBoard metrics (%s): scalars go to the log and results.json", error)
+        return _LogWriter(), lambda **kwargs: (lambda step: None)
+    return (metric_writers.create_default_writer(workdir, just_logging=not is_chief),
+            periodic_actions.ReportProgress)
 
 
 def _device_train_split(config: ml_collections.ConfigDict, trainer: Trainer, split: Any

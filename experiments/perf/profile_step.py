@@ -162,7 +162,7 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
             jax.block_until_ready(state)
             wall = time.perf_counter() - start
         events = trace_events(trace_dir)
-    by_kind, by_place, by_op = (collections.Counter() for _ in range(3))
+    by_kind, by_place, by_place_kind, by_op = (collections.Counter() for _ in range(4))
     unmatched = 0.0
     for e in events:
         line = instructions.get(e["name"])
@@ -173,6 +173,7 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
         ms = e.get("dur", 0) / 1e3 / steps
         by_kind[classify(line, computations)] += ms
         by_place[place(line, computations)] += ms
+        by_place_kind[f"{place(line, computations)} | {classify(line, computations)}"] += ms
         by_op[e["name"]] += ms
     total = sum(by_kind.values())
     top = [{"instruction": name, "ms_per_step": ms, "kind": classify(instructions[name], computations),
@@ -190,6 +191,7 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
         "unmatched_ms_per_step": unmatched / 1e3 / steps,
         "by_kind_ms": dict(by_kind.most_common()),
         "by_place_ms": dict(by_place.most_common()),
+        "by_place_and_kind_ms": dict(by_place_kind.most_common()),
         "top_instructions": top,
         "jax": jax.__version__,
         "device_kind": jax.devices()[0].device_kind,

@@ -7,7 +7,8 @@ label modes and measured counts.
 
 The builder modules (and with them tensorflow_datasets) are imported when a dataset is loaded or
 one of them is named (`datasets.ferplus`); `CLASS_NAMES` and the dataset names are plain data, so
-code that only needs them (a config check, a benchmark on random images) runs without TFDS.
+code that only needs them (a config check, a benchmark on random images) runs without TFDS. A
+dataset written by `packed` (`config.dataset.packed_file`) is read without TFDS or TensorFlow.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def __getattr__(name: str):
 
 def load(config: ml_collections.ConfigDict, required: Sequence[str] = ("train", "validation")) -> Dataset:
     """Builds (if needed) and reads the dataset named by `config.name` (the `dataset` sub-config of
-    configs/default.py, every field present).
+    configs/default.py, every field present), or reads `config.packed_file` (`packed`) instead.
 
     `required`: splits that must exist (FER+ builds only the splits its files provide). With
     `config.train_subset` > 0 the train split keeps its first `train_subset` examples. Raises
@@ -75,7 +76,16 @@ def load(config: ml_collections.ConfigDict, required: Sequence[str] = ("train", 
         raise ValueError(f"unknown split(s) {unknown}; expected among {SPLITS}")
     if config.name not in _BUILDER_MODULES:
         raise ValueError(f"unknown dataset {config.name!r}; expected one of {sorted(_BUILDER_MODULES)}")
-    dataset = importlib.import_module(f"{__name__}.{config.name}").load(config, required)
+    if config.packed_file:  # built elsewhere: no builder, no TFDS
+        from fermsca.datasets import packed
+
+        dataset = packed.read(config.packed_file, config)
+        missing = [s for s in required if s not in dataset.splits]
+        if missing:
+            raise DataError(f"{config.packed_file}: no {'/'.join(missing)} split (it holds "
+                            f"{'/'.join(dataset.splits)})")
+    else:
+        dataset = importlib.import_module(f"{__name__}.{config.name}").load(config, required)
     if config.train_subset and "train" in dataset.splits:
         train = _first(dataset.splits["train"], config.train_subset)
         dataset = dataclasses.replace(dataset, splits={**dataset.splits, "train": train})
