@@ -111,7 +111,7 @@ def test_refuses_a_file_packed_for_other_settings(packed_file):
     with pytest.raises(DataError, match=r"data.fpk: packed for other dataset settings \(config\.dataset\."
                                         r"label_mode: file 'majority', config 'probability'\)"):
         packed.read(packed_file, _config(label_mode="probability"))
-    with pytest.raises(DataError, match="name: file 'synthetic_faces', config 'ferplus'"):
+    with pytest.raises(DataError, match="config.dataset.name: file 'synthetic_faces', config 'ferplus'"):
         packed.read(packed_file, _config(name="ferplus"))
 
 
@@ -140,6 +140,13 @@ def test_refuses_missing_truncated_and_altered_files(packed_file, tmp_path):
     other = tmp_path / "other.fpk"
     other.write_bytes(lzma.compress(buffer.getvalue()))
     with pytest.raises(DataError, match="other.fpk: format 'something-else'"):
+        packed.read(str(other), _config())
+    metadata["format"] = packed.FORMAT
+    del metadata["splits"]
+    buffer = io.BytesIO()
+    np.savez(buffer, metadata=np.array(json.dumps(metadata)), **arrays)
+    other.write_bytes(lzma.compress(buffer.getvalue()))
+    with pytest.raises(DataError, match="other.fpk: its metadata lacks splits"):
         packed.read(str(other), _config())
 
 

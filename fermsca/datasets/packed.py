@@ -114,12 +114,17 @@ def read(path: str, config: Any) -> Dataset:
         raise DataError(f"{path}: packed dataset file is missing") from error
     except (lzma.LZMAError, ValueError, OSError, KeyError, EOFError) as error:
         raise DataError(f"{path}: not a readable packed dataset ({type(error).__name__}: {error})") from error
-    if metadata.get("format") != FORMAT:
-        raise DataError(f"{path}: format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise DataError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    missing = [k for k in ("dataset", "name", "class_names", "source", "splits") if k not in metadata]
+    if missing:
+        raise DataError(f"{path}: its metadata lacks {', '.join(missing)}")
     stored, wanted = metadata["dataset"], content_fields(config)
-    differ = [f"{k}: file {stored.get(k)!r}, config {v!r}" for k, v in wanted.items() if stored.get(k) != v]
+    differ = [f"config.dataset.{k}: file {stored.get(k)!r}, config {v!r}"
+              for k, v in wanted.items() if stored.get(k) != v]
     if differ:
-        raise DataError(f"{path}: packed for other dataset settings (config.dataset.{'; '.join(differ)}); "
+        raise DataError(f"{path}: packed for other dataset settings ({'; '.join(differ)}); "
                         "pack it again with this config")
     splits = {}
     for name, info in metadata["splits"].items():
