@@ -123,31 +123,27 @@ def test_refuses_missing_truncated_and_altered_files(packed_file, tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="truncated.fpk: not a readable packed dataset"):
         packed.read(str(truncated), _config())
-    # A well-formed file whose pixels changed after their SHA-256 was recorded.
+    # Well-formed files whose pixels changed after their SHA-256 was recorded, or whose metadata is off.
     with np.load(io.BytesIO(lzma.decompress(data))) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    arrays["validation.residuals"][3, 10, 10, 0] ^= 1
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    altered = tmp_path / "altered.fpk"
-    altered.write_bytes(lzma.compress(buffer.getvalue()))
-    with pytest.raises(DataError, match="altered.fpk: split 'validation' is corrupt"):
-        packed.read(str(altered), _config())
     metadata = json.loads(str(arrays.pop("metadata")))
-    metadata["format"] = "something-else"
-    buffer = io.BytesIO()
-    np.savez(buffer, metadata=np.array(json.dumps(metadata)), **arrays)
-    other = tmp_path / "other.fpk"
-    other.write_bytes(lzma.compress(buffer.getvalue()))
+
+    def rewritten(name, metadata, arrays):
+        buffer = io.BytesIO()
+        np.savez(buffer, metadata=np.array(json.dumps(metadata)), **arrays)
+        path = tmp_path / name
+        path.write_bytes(lzma.compress(buffer.getvalue()))
+        return str(path)
+
+    altered_arrays = {**arrays, "validation.residuals": arrays["validation.residuals"].copy()}
+    altered_arrays["validation.residuals"][3, 10, 10, 0] ^= 1
+    with pytest.raises(DataError, match="altered.fpk: split 'validation' is corrupt"):
+        packed.read(rewritten("altered.fpk", metadata, altered_arrays), _config())
     with pytest.raises(DataError, match="other.fpk: format 'something-else'"):
-        packed.read(str(other), _config())
-    metadata["format"] = packed.FORMAT
-    del metadata["splits"]
-    buffer = io.BytesIO()
-    np.savez(buffer, metadata=np.array(json.dumps(metadata)), **arrays)
-    other.write_bytes(lzma.compress(buffer.getvalue()))
-    with pytest.raises(DataError, match="other.fpk: its metadata lacks splits"):
-        packed.read(str(other), _config())
+        packed.read(rewritten("other.fpk", {**metadata, "format": "something-else"}, arrays), _config())
+    without_splits = {k: v for k, v in metadata.items() if k != "splits"}
+    with pytest.raises(DataError, match="lacking.fpk: its metadata lacks splits"):
+        packed.read(rewritten("lacking.fpk", without_splits, arrays), _config())
 
 
 # Trains from a packed file in a fresh interpreter where TensorFlow and TFDS cannot be imported (as on

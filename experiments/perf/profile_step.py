@@ -171,9 +171,10 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
                 unmatched += e.get("dur", 0)
             continue
         ms = e.get("dur", 0) / 1e3 / steps
-        by_kind[classify(line, computations)] += ms
-        by_place[place(line, computations)] += ms
-        by_place_kind[f"{place(line, computations)} | {classify(line, computations)}"] += ms
+        kind, where = classify(line, computations), place(line, computations)
+        by_kind[kind] += ms
+        by_place[where] += ms
+        by_place_kind[f"{where} | {kind}"] += ms
         by_op[e["name"]] += ms
     total = sum(by_kind.values())
     top = [{"instruction": name, "ms_per_step": ms, "kind": classify(instructions[name], computations),
