@@ -3,8 +3,8 @@
 The paper augments with Keras' `ImageDataGenerator`: random shifts of up to 5% of the height and
 width, rotations of up to 10 degrees, zoom range 0.3, and per-image standardisation. Here the
 shift, rotation and zoom of each image are composed into one affine matrix and each image is
-resampled once with `dm_pix.affine_transform` (bilinear, edge pixels repeated outside the image,
-like Keras' default `fill_mode="nearest"`).
+resampled once with `jax.scipy.ndimage.map_coordinates` (bilinear, edge pixels repeated outside the
+image, like Keras' default `fill_mode="nearest"`).
 
 Geometry, in pixel coordinates (row, col) with the origin at the centre of the top-left pixel and
 c = ((H - 1) / 2, (W - 1) / 2) the image centre, a point p of the input moves to
@@ -27,9 +27,9 @@ blends each image and its target with another example of the batch.
 
 from typing import Any
 
-import dm_pix as pix
 import jax
 import jax.numpy as jnp
+from jax.scipy import ndimage
 
 Array = jax.Array
 
@@ -96,22 +96,23 @@ def apply_affine(images: Array, matrices: Array) -> Array:
       float32 [B, H, W, C], bilinear, edge pixels repeated outside the image.
     """
     images = jnp.asarray(images).astype(jnp.float32)
+    height, width = images.shape[1], images.shape[2]
+    rows, cols = jnp.meshgrid(
+        jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+    )
 
     def warp(image: Array, m: Array) -> Array:  # [H, W, C], [3, 3]
-        # dm-pix resamples all three axes of an HWC image; the channel axis maps to itself.
-        hwc = jnp.array(
-            [
-                [m[0, 0], m[0, 1], 0.0, m[0, 2]],
-                [m[1, 0], m[1, 1], 0.0, m[1, 2]],
-                [0.0, 0.0, 1.0, 0.0],
-                [0.0, 0.0, 0.0, 1.0],
-            ]
-        )
-        return pix.affine_transform(image, hwc, order=1, mode="nearest")
+        # Elementwise, so the positions are full float32 on every backend (no reduced-precision
+        # matmul); each channel is resampled in 2-D (4 taps a pixel).
+        src_rows = m[0, 0] * rows + m[0, 1] * cols + m[0, 2]
+        src_cols = m[1, 0] * rows + m[1, 1] * cols + m[1, 2]
 
-    # Sampling positions in full float32, not a reduced-precision matmul on accelerators.
-    with jax.default_matmul_precision("highest"):
-        return jax.vmap(warp)(images, matrices)
+        def channel(plane: Array) -> Array:
+            return ndimage.map_coordinates(plane, [src_rows, src_cols], order=1, mode="nearest")
+
+        return jax.vmap(channel, in_axes=2, out_axes=2)(image)
+
+    return jax.vmap(warp)(images, matrices)
 
 
 def sample_affine_params(
@@ -170,7 +171,7 @@ def random_affine(
 def random_flip(rng: Array, images: Array) -> Array:
     """Mirrors each image left-right with probability 1/2. [B, H, W, C] -> same dtype."""
     flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
-    return jnp.where(flip[:, None, None, None], pix.flip_left_right(images), images)
+    return jnp.where(flip[:, None, None, None], jnp.flip(images, axis=2), images)
 
 
 def mixup_params(rng: Array, batch_size: int, alpha: float) -> tuple[Array, Array]:

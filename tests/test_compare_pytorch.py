@@ -50,3 +50,9 @@ def test_copy_refuses_a_different_network():
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
     with pytest.raises(ValueError, match="shape"):
         compare_pytorch.copy_weights(variables, compare_pytorch.build_torch_model(other))
+
+
+def test_paired_ratios_pair_rounds_and_refuse_unequal_lengths():
+    assert compare_pytorch.paired_ratios([200.0, 120.0, 90.0], [100.0, 100.0, 60.0]) == [2.0, 1.2, 1.5]
+    with pytest.raises(ValueError, match="2 rounds against 3"):
+        compare_pytorch.paired_ratios([1.0, 2.0], [1.0, 2.0, 3.0])

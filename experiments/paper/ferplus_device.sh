@@ -1,12 +1,12 @@
 #!/bin/bash
 # The FER+ paper run (configs/ferplus.py: 200 epochs, batch 128, Table 1, cosine loss, the paper's
 # augmentation) on a lent GPU machine, which has JAX, Flax, Optax and Orbax but no TensorFlow, TFDS,
-# ml_collections, clu or dm-pix, and reaches no network. Prepared here, once (paths from the repo root):
+# ml_collections or clu, and reaches no network. Prepared here, once (paths from the repo root):
 #
 #   python -m fermsca.datasets.packed --config configs/ferplus.py --output .device/ferplus_majority.fpk \
 #       --config.dataset.manual_dir=/data/ferplus        # FER+ train + validation, ~41 MiB
 #   echo /.device/ >> .git/info/exclude
-#   pip download --no-deps --only-binary=:all: -d .device/wheels ml-collections==1.1.0 clu==0.0.12 dm-pix==0.4.5
+#   pip download --no-deps --only-binary=:all: -d .device/wheels ml-collections==1.1.0 clu==0.0.12
 #
 # Then each device call carries `.device` and runs, from the repo root:
 #

@@ -306,6 +306,11 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
         # the XLA model step, the same mathematics on either convolution path).
         "ratio_to_best_pytorch": {name: v / best_torch for name, v in img_s.items()
                                   if name.startswith("fermsca")},
+        # The same against PyTorch channels_last timed in the same round (seconds apart), median over
+        # rounds: paired, so a drift of the shared machine's speed between rounds cancels.
+        "ratio_to_pytorch_channels_last_paired": {
+            name: statistics.median(paired_ratios(v, per_round["pytorch eager channels_last"]))
+            for name, v in per_round.items() if name.startswith("fermsca")},
         "best_pytorch": "pytorch eager NCHW" if img_s["pytorch eager NCHW"] == best_torch
         else "pytorch eager channels_last",
         "model_step_gflop_per_image": gflop,
@@ -327,6 +332,13 @@ def run(batch_size: int, seconds: float, rounds: int, threads: int) -> dict:
     if gflop:
         record["fraction_of_matmul"] = {name: v / matmul for name, v in record["achieved_gflops"].items()}
     return record
+
+
+def paired_ratios(rates: list[float], reference: list[float]) -> list[float]:
+    """Round-by-round ratios of two rate lists measured in the same interleaved rounds."""
+    if len(rates) != len(reference):
+        raise ValueError(f"{len(rates)} rounds against {len(reference)}")
+    return [a / b for a, b in zip(rates, reference, strict=True)]
 
 
 def _torch_profile(step, steps: int = 3) -> dict:
@@ -356,6 +368,8 @@ def main() -> None:
         matmul = (f", {100 * share:.0f}% of large-matmul {record['matmul_gflops']:.0f} GFLOP/s"
                   if share else "")
         print(f"{name:30s} {ratio:.2f}x {record['best_pytorch']}{matmul}")
+    for name, ratio in record["ratio_to_pytorch_channels_last_paired"].items():
+        print(f"{name:30s} {ratio:.2f}x pytorch eager channels_last, median of per-round ratios")
     bench.write_json(args.output, record)
 
 
