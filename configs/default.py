@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.se_reduction = 8
     c.model.dropout_rate = 0.0
     c.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+    # Beyond the paper: bfloat16 rounds the convolutions' operands to bfloat16 (accumulated and
+    # returned in float32; every other layer stays float32): mixed precision where a CPU has bfloat16
+    # convolutions (oneDNN on AVX512_BF16 / AMX) or a GPU has bfloat16 tensor cores.
+    c.model.conv_dtype = "float32"  # float32 | bfloat16
     # Speed only (fermsca.perf; same parameters and mathematics): auto | xla | onednn. auto is oneDNN on
     # an x86-64 Linux CPU when its extension builds (g++, compiled once), XLA otherwise.
     c.model.conv_impl = "auto"

@@ -121,7 +121,7 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3, *, model
     compiled = trainer.train_step.lower(state, batch, key).compile()
     compile_seconds = time.perf_counter() - t0
     step_flops = cost_flops(compiled)
-    conv_impl = perf.resolve_conv_impl(config.model.conv_impl, config.model.dtype)
+    conv_impl = perf.resolve_conv_impl(config.model.conv_impl, perf.conv_dtype(config.model))
     if conv_impl != "xla":
         # XLA counts no FLOPs inside custom calls: count the same step (same mathematics) on XLA's path.
         reference = config.copy_and_resolve_references()
@@ -148,6 +148,7 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3, *, model
         "step_gflop": step_flops / 1e9 if step_flops else None,
         "achieved_gflops": step_flops * steps / elapsed / 1e9 if step_flops else None,
         "dtype": config.model.dtype,
+        "conv_dtype": perf.conv_dtype(config.model),
         "conv_impl": conv_impl,
         "hugepage_malloc": hugepages.active(),
         "device_kind": jax.devices()[0].device_kind,
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--conv_dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="config.model.conv_dtype: bfloat16 convolution operands in a float32 model")
     parser.add_argument("--conv_impl", default="xla", choices=["xla", "onednn"])
     parser.add_argument("--no_matmul", action="store_true", help="skip the matmul reference")
     parser.add_argument("--output", help="write the record as JSON here")
@@ -186,6 +189,7 @@ def main() -> None:
     config = load_config(args.config)
     config.model.dtype = args.dtype
     config.model.conv_impl = args.conv_impl
+    config.model.conv_dtype = args.conv_dtype
     record = benchmark(config, args.batch_size, args.seconds)
     if not args.no_matmul:
         record["matmul_gflops"] = matmul_gflops()
@@ -193,7 +197,8 @@ def main() -> None:
             record["fraction_of_matmul"] = record["achieved_gflops"] / record["matmul_gflops"]
     print(f"{record['images_per_second']:.1f} img/s  (batch {args.batch_size}, "
           f"{record['step_ms']:.1f} ms/step, {record['device_count']} x "
-          f"{record['device_kind']}, {args.dtype}, conv {args.conv_impl}, huge-page malloc "
+          f"{record['device_kind']}, {args.dtype}, conv {args.conv_impl} in {record['conv_dtype']}, "
+          "huge-page malloc "
           f"{'on' if record['hugepage_malloc'] else 'off'})")
     if record["achieved_gflops"]:
         line = f"train step {record['step_gflop']:.2f} GFLOP -> {record['achieved_gflops']:.1f} GFLOP/s"

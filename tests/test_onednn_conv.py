@@ -57,10 +57,10 @@ def _assert_close(actual, expected, name):
                                err_msg=name)
 
 
-def _run_cases(conv, cases):
+def _run_cases(conv, cases, cotangent_dtype=None):
     """{name: (y, dx, dw)} for each case name -> (x, w, conv kwargs), with dx, dw the gradients of
-    <y, r> for a fixed r; all cases in one jit (compiling a program per case would take most
-    of the test time)."""
+    <y, r> for a fixed r (rounded to `cotangent_dtype`, default y's); all cases in one jit
+    (compiling a program per case would take most of the test time)."""
     operands = {name: (x, w) for name, (x, w, _) in cases.items()}
 
     def run(operands):
@@ -68,7 +68,8 @@ def _run_cases(conv, cases):
         for name, (x, w) in operands.items():
             kwargs = cases[name][2]
             y, vjp = jax.vjp(lambda x, w, kwargs=kwargs: conv(x, w, **kwargs), x, w)
-            r = jnp.sin(0.37 * jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)  # a fixed cotangent
+            r = jnp.sin(0.37 * jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)  # a fixed cotangent
+            r = r.astype(cotangent_dtype or y.dtype).astype(y.dtype)
             out[name] = (y, *vjp(r))
         return out
 
@@ -142,15 +143,15 @@ def test_other_geometries_match_xla(geometry_results, name):
 
 @needs_onednn
 @pytest.mark.parametrize(
-    "case", ["lhs_dilation", "bfloat16", "nchw", "groups"],
+    "case", ["lhs_dilation", "float16", "nchw", "groups"],
 )
 def test_unsupported_cases_take_the_xla_path(case):
     x, w = _operands(0, (2, 8, 8, 4), (3, 3, 4, 6))
     kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
     if case == "lhs_dilation":
         kwargs.update(lhs_dilation=(2, 2), padding=((1, 1), (1, 1)))
-    elif case == "bfloat16":
-        x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    elif case == "float16":
+        x, w = x.astype(jnp.float16), w.astype(jnp.float16)
     elif case == "nchw":
         x, w = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
         kwargs["dimension_numbers"] = ("NCHW", "OIHW", "NCHW")
@@ -163,6 +164,62 @@ def test_unsupported_cases_take_the_xla_path(case):
     got = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, **kwargs))(x, w)
     want = lax.conv_general_dilated(x, w, **kwargs)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+needs_bfloat16 = pytest.mark.skipif(
+    not onednn_conv.available() or onednn_conv.bfloat16_reason() is not None,
+    reason=f"no oneDNN bfloat16 convolution here: {onednn_conv.unavailable_reason() or onednn_conv.bfloat16_reason()}",
+)
+
+
+@pytest.fixture(scope="module")
+def bfloat16_results():
+    """The network's convolutions on bfloat16 operands: oneDNN against XLA computing the same
+    bfloat16-rounded operands in float32 (an independent reference, not rounded in between)."""
+    kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+    cases = {}
+    for i, (name, hw, cin, cout, k) in enumerate(NETWORK_CONVS):
+        x, w = _operands(i, (3, hw, hw, cin), (k, k, cin, cout))
+        cases[name] = (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), kwargs)
+    as_f32 = {name: (x.astype(jnp.float32), w.astype(jnp.float32), kw) for name, (x, w, kw) in cases.items()}
+    plans = {name: onednn_conv.plan(x, w, **kw) for name, (x, w, kw) in cases.items()}
+    text = _lowered(lambda x, w: onednn_conv.conv_general_dilated(x, w, **kwargs), *cases["b1_3x3"][:2])
+    return plans, text, _run_cases(onednn_conv.conv_general_dilated, cases), _run_cases(
+        lax.conv_general_dilated, as_f32, cotangent_dtype=jnp.bfloat16)
+
+
+@needs_bfloat16
+@pytest.mark.parametrize("name", [c[0] for c in NETWORK_CONVS])
+def test_bfloat16_network_convs_match_a_float32_reference(bfloat16_results, name):
+    plans, text, got, want = bfloat16_results
+    assert isinstance(plans[name], onednn_conv.ConvConfig), plans[name]
+    assert "fermsca_onednn" in text
+    for part, a, b in zip(("y", "dx", "dw"), got[name], want[name], strict=True):
+        assert a.shape == b.shape and a.dtype == jnp.bfloat16, part
+        # bfloat16 keeps 8 significant bits: each output is rounded once (2^-9 relative), and the
+        # float32 reference's cotangent is the bfloat16 one, so only that rounding and the
+        # summation order differ.
+        expected = np.asarray(b, np.float64)
+        scale = float(np.max(np.abs(expected)))
+        np.testing.assert_allclose(np.asarray(a, np.float64), expected, rtol=8e-3, atol=4e-3 * scale,
+                                   err_msg=f"{name}: {part}")
+
+
+@needs_onednn
+def test_bfloat16_without_onednn_support_takes_the_xla_path(monkeypatch):
+    monkeypatch.setattr(onednn_conv, "bfloat16_reason", lambda: "no bfloat16 convolution on this CPU")
+    x, w = (a.astype(jnp.bfloat16) for a in _operands(0, (2, 8, 8, 4), (3, 3, 4, 6)))
+    kwargs = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=NHWC)
+    assert onednn_conv.plan(x, w, **kwargs) == "no bfloat16 convolution on this CPU"
+    assert "fermsca_onednn" not in _lowered(lambda x, w: onednn_conv.conv_general_dilated(x, w, **kwargs), x, w)
+    got = onednn_conv.conv_general_dilated(x, w, **kwargs)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(lax.conv_general_dilated(x, w, **kwargs), np.float32))
+
+
+def test_impl_info_refuses_other_dtypes():
+    with pytest.raises(ValueError, match="only float32 or bfloat16"):
+        onednn_conv.impl_info("fwd", (1, 8, 8, 4), (3, 3, 4, 4), dtype=np.float16)
 
 
 @needs_onednn

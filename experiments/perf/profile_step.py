@@ -126,7 +126,7 @@ def trace_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X"]
 
 
-def build_step(step: str, batch_size: int, conv_impl: str | None):
+def build_step(step: str, batch_size: int, conv_impl: str | None, dtype: str = "float32"):
     """(compiled step, state, args) for the paper configuration."""
     from configs import ferplus
     from fermsca import augment, train
@@ -134,6 +134,7 @@ def build_step(step: str, batch_size: int, conv_impl: str | None):
     config = ferplus.get_config()
     config.batch_size = batch_size
     config.model.conv_impl = conv_impl or "xla"
+    config.model.dtype = dtype
     trainer = train.Trainer(config, 8, steps_per_epoch=1000, mesh=train.make_mesh())
     state = trainer.init_state()
     raw, targets = bench.random_batch(batch_size, 8)
@@ -148,8 +149,9 @@ def build_step(step: str, batch_size: int, conv_impl: str | None):
     return fn.lower(state, *args).compile(), state, args
 
 
-def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None) -> dict:
-    compiled, state, args = build_step(step, batch_size, conv_impl)
+def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None,
+            dtype: str = "float32") -> dict:
+    compiled, state, args = build_step(step, batch_size, conv_impl, dtype)
     instructions, computations = parse_hlo(compiled.as_text())
     for _ in range(3):
         state, _ = compiled(state, *args)
@@ -182,10 +184,12 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
             "shape": instructions[name].split(" ", 1)[0]} for name, ms in by_op.most_common(15)]
     return {
         "command": f"python -m experiments.perf.profile_step --step {step} --batch_size {batch_size}"
-                   + (f" --conv_impl {conv_impl}" if conv_impl else ""),
+                   + (f" --conv_impl {conv_impl}" if conv_impl else "")
+                   + (f" --dtype {dtype}" if dtype != "float32" else ""),
         "step": step,
         "batch_size": batch_size,
         "conv_impl": conv_impl or "xla",
+        "dtype": dtype,
         "steps_traced": steps,
         "wall_ms_per_step": 1000 * wall / steps,
         "thunk_ms_per_step": total,
@@ -202,7 +206,8 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
 
 def markdown(record: dict) -> str:
     total = record["thunk_ms_per_step"]
-    lines = [f"Step `{record['step']}`, batch {record['batch_size']}, conv {record['conv_impl']}: "
+    lines = [f"Step `{record['step']}`, batch {record['batch_size']}, conv {record['conv_impl']}, "
+             f"{record.get('dtype', 'float32')}: "
              f"{record['wall_ms_per_step']:.0f} ms wall per step, {total:.0f} ms in XLA thunks "
              "(thunks can overlap on the two cores).", "",
              "| kind of work | ms / step | share |", "|---|---:|---:|"]
@@ -218,12 +223,15 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--conv_impl", default=None, help="config.model.conv_impl (default: the config's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="config.model.dtype (compute precision)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    record = profile(args.step, args.batch_size, args.steps, args.conv_impl)
+    record = profile(args.step, args.batch_size, args.steps, args.conv_impl, args.dtype)
     print(markdown(record))
     output = args.output or (f"experiments/results/bench/profile_{args.step}"
-                             + (f"_{args.conv_impl}" if args.conv_impl else "") + ".json")
+                             + (f"_{args.conv_impl}" if args.conv_impl else "")
+                             + (f"_{args.dtype}" if args.dtype != "float32" else "") + ".json")
     bench.write_json(output, record)
 
 

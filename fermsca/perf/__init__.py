@@ -25,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from fermsca.perf import batchnorm, pooling, stem
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # config.model.conv_impl: "auto" (oneDNN where it can run, see `resolve_conv_impl`), "xla" or "onednn".
 # The paths share parameters and mathematics; only the speed differs.
 CONV_IMPLS = ("auto", "xla", "onednn")
+ONEDNN_DTYPES = ("float32", "bfloat16")  # config.model.dtype values the oneDNN convolutions take
 
 
 def check_conv_impl(conv_impl: str) -> None:
@@ -44,22 +46,43 @@ def check_conv_impl(conv_impl: str) -> None:
 def resolve_conv_impl(conv_impl: str, dtype: str = "float32") -> str:
     """The convolution path that `conv_impl` runs on: "xla" or "onednn".
 
-    "auto": oneDNN on a CPU backend on x86-64 Linux when its extension builds and loads and the
-    model computes in float32, XLA otherwise (GPU, other CPUs, bfloat16, FERMSCA_ONEDNN=0); never
-    fails, and warns once when oneDNN should run here but cannot. "onednn" raises when unavailable.
-    Cached: the check (and the g++ build, itself cached on disk) happens once per process.
+    "auto": oneDNN on a CPU backend on x86-64 Linux when its extension builds and loads (and, for a
+    bfloat16 model, when oneDNN has a bfloat16 convolution for this CPU), XLA otherwise (GPU, other
+    CPUs, float16, FERMSCA_ONEDNN=0); never fails, and warns once when oneDNN should run here but
+    cannot. "onednn" raises when unavailable. Cached: the check (and the g++ build, itself cached on
+    disk) happens once per process.
     """
     check_conv_impl(conv_impl)
     if conv_impl == "auto":
-        # oneDNN takes float32 convolutions only: no extension to build for nothing.
-        return _resolve_auto(jax.default_backend()) if dtype == "float32" else "xla"
+        # oneDNN takes float32 and bfloat16 convolutions only: no extension to build for nothing.
+        if dtype not in ONEDNN_DTYPES:
+            return "xla"
+        resolved = _resolve_auto(jax.default_backend())
+        if resolved == "onednn" and dtype == "bfloat16":
+            return _resolve_auto_bfloat16()
+        return resolved
     if conv_impl == "onednn":
         from fermsca.perf import onednn_conv
 
-        if not onednn_conv.available():
-            raise RuntimeError(
-                f"config.model.conv_impl='onednn' is unavailable: {onednn_conv.unavailable_reason()}")
+        reason = onednn_conv.unavailable_reason()
+        if reason is None and dtype == "bfloat16":
+            reason = onednn_conv.bfloat16_reason()
+        elif reason is None and dtype not in ONEDNN_DTYPES:
+            reason = f"config.model.dtype={dtype!r} (oneDNN convolutions: {list(ONEDNN_DTYPES)})"
+        if reason is not None:
+            raise RuntimeError(f"config.model.conv_impl='onednn' is unavailable: {reason}")
     return conv_impl
+
+
+@functools.cache
+def _resolve_auto_bfloat16() -> str:
+    from fermsca.perf import onednn_conv
+
+    reason = onednn_conv.bfloat16_reason()
+    if reason is None:
+        return "onednn"
+    log.warning("config.model.conv_impl='auto': %s; bfloat16 convolutions run on XLA.", reason[:300])
+    return "xla"
 
 
 @functools.cache
@@ -94,6 +117,32 @@ def conv_function(conv_impl: str, dtype: str = "float32") -> Callable:
     return onednn_conv.conv_general_dilated
 
 
+def conv_dtype(model_config: Any) -> str:
+    """The dtype the convolutions' operands take: the model's, or bfloat16 where
+    `config.model.conv_dtype` asks for it (configs from before that field: float32)."""
+    if model_config.get("conv_dtype", "float32") == "bfloat16":
+        return "bfloat16"
+    return model_config.dtype
+
+
+class BFloat16Operands:
+    """A `lax.conv_general_dilated` drop-in that rounds both operands to bfloat16 and accumulates and
+    returns in the input's dtype (`config.model.conv_dtype = "bfloat16"` in a float32 model: mixed
+    precision for the convolutions alone, every other layer in float32; gradients flow back through
+    the rounding unchanged, as bfloat16)."""
+
+    def __init__(self, conv_fn: Callable):
+        self.conv_fn = conv_fn
+
+    def __call__(self, lhs, rhs, *args, preferred_element_type=None, **kwargs):
+        out = self.conv_fn(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), *args,
+                           preferred_element_type=jnp.float32, **kwargs)
+        return out.astype(preferred_element_type or lhs.dtype)
+
+    def __repr__(self):
+        return f"BFloat16Operands({self.conv_fn!r})"
+
+
 class _LazyConvFunction:
     """Resolves `conv_impl` when the model is first traced, not when it is built, so that building
     a model only to load, check or export weights never compiles the oneDNN extension."""
@@ -115,7 +164,9 @@ def building_blocks(model_config: Any, conv_general_dilated: Callable | None = N
     `batchnorm.BatchNorm`, "pool": `pooling.max_pool`, "stem": `stem.FusedStem` (float32 only;
     other dtypes keep `models.Stem`)}. `conv_general_dilated` overrides the convolution function (e.g.
     the per-fold convolution of `fermsca.crossval`)."""
-    conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, model_config.dtype)
+    conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, conv_dtype(model_config))
+    if model_config.dtype == "float32" and conv_dtype(model_config) == "bfloat16":
+        conv_fn = BFloat16Operands(conv_fn)
     blocks = {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "norm": batchnorm.BatchNorm,
               "pool": pooling.max_pool}
     if model_config.dtype == "float32":

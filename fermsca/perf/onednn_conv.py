@@ -4,11 +4,14 @@ The default on x86-64 Linux CPUs (`config.model.conv_impl = "auto"`, resolved by
 `models.resolve_conv_impl`); "onednn" requires it, "xla" never uses it.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (as `flax.linen.Conv` calls it,
-`nn.Conv(..., conv_general_dilated=onednn_conv.conv_general_dilated)`). Float32 NHWC / HWIO
-convolutions with any strides, kernel dilation and non-negative padding run through oneDNN's
-forward, backward-data and backward-weights primitives (gradients via `jax.custom_vjp`); everything
-else (other dtypes or layouts, input dilation, grouped convolutions, a non-CPU backend, or oneDNN
-missing) goes to `jax.lax.conv_general_dilated` unchanged.
+`nn.Conv(..., conv_general_dilated=onednn_conv.conv_general_dilated)`). NHWC / HWIO convolutions
+with any strides, kernel dilation and non-negative padding run through oneDNN's forward,
+backward-data and backward-weights primitives (gradients via `jax.custom_vjp`), in float32, or in
+bfloat16 where oneDNN has a JIT bfloat16 convolution for this CPU (`bfloat16_reason()`: AVX-512 and
+up, native with AVX512_BF16 or AMX; accumulated in float32, the output in bfloat16 or, with
+`preferred_element_type=float32`, in float32; gradients in the operands' dtype); everything else
+(other dtypes or layouts, input dilation, grouped convolutions, a non-CPU backend, or oneDNN missing)
+goes to `jax.lax.conv_general_dilated` unchanged.
 
 The C++ source (`csrc/onednn_conv.cc`) is compiled with g++ on first use into a cache directory
 (`$FERMSCA_CACHE_DIR`, default `~/.cache/fermsca`), keyed by the source, jaxlib and oneDNN versions.
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -346,6 +350,7 @@ class ConvConfig(NamedTuple):
     dilation: tuple[int, int]
     pad_lo: tuple[int, int]
     pad_hi: tuple[int, int]
+    out_dtype: str = "float32"  # the forward's output (its operands' dtype, or float32)
 
 
 def _attrs(cfg: ConvConfig) -> dict:
@@ -364,10 +369,10 @@ def _out_spatial(cfg: ConvConfig, hw: tuple[int, int], khw: tuple[int, int]) -> 
     )
 
 
-def _call(kind: str, a, b, out_shape, cfg: ConvConfig):
+def _call(kind: str, a, b, out_shape, out_dtype, cfg: ConvConfig):
     _load()  # registers the targets (once per process)
     return jax.ffi.ffi_call(
-        TARGETS[kind], jax.ShapeDtypeStruct(out_shape, np.float32), vmap_method="sequential"
+        TARGETS[kind], jax.ShapeDtypeStruct(out_shape, out_dtype), vmap_method="sequential"
     )(a, b, **_attrs(cfg))
 
 
@@ -375,15 +380,15 @@ def _call(kind: str, a, b, out_shape, cfg: ConvConfig):
 # what each device runs on its own slice.
 def _fwd_local(x, w, cfg: ConvConfig):
     oh, ow = _out_spatial(cfg, x.shape[1:3], w.shape[0:2])
-    return _call("fwd", x, w, (x.shape[0], oh, ow, w.shape[3]), cfg)
+    return _call("fwd", x, w, (x.shape[0], oh, ow, w.shape[3]), np.dtype(cfg.out_dtype), cfg)
 
 
 def _bwd_data_local(dy, w, x_hw: tuple[int, int], cfg: ConvConfig):
-    return _call("bwd_data", dy, w, (dy.shape[0], *x_hw, w.shape[2]), cfg)
+    return _call("bwd_data", dy, w, (dy.shape[0], *x_hw, w.shape[2]), dy.dtype, cfg)
 
 
 def _bwd_weights_local(x, dy, w_shape: tuple[int, ...], cfg: ConvConfig):
-    return _call("bwd_weights", x, dy, tuple(w_shape), cfg)
+    return _call("bwd_weights", x, dy, tuple(w_shape), x.dtype, cfg)
 
 
 # ---- sharding rules: batch (dim 0 of activations) may be sharded, everything else is replicated.
@@ -501,6 +506,7 @@ def _conv_fwd(x, w, cfg: ConvConfig):
 
 def _conv_bwd(cfg: ConvConfig, res, dy):
     x, w = res
+    dy = dy.astype(x.dtype)  # a float32 output of bfloat16 operands: its gradient enters as bfloat16
     dx = _bwd_data_part(dy, w, tuple(x.shape[1:3]), cfg)
     dw = _bwd_weights_part(x, dy, tuple(w.shape), cfg)
     return dx, dw
@@ -523,9 +529,10 @@ def plan(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
         return "disabled by FERMSCA_ONEDNN=0"
     if np.ndim(lhs) != 4 or np.ndim(rhs) != 4:
         return "not a 2-D convolution"
-    if lhs.dtype != np.float32 or rhs.dtype != np.float32:
-        return f"dtypes {lhs.dtype}/{rhs.dtype} (only float32)"
-    if preferred_element_type is not None and np.dtype(preferred_element_type) != np.float32:
+    if lhs.dtype != rhs.dtype or lhs.dtype not in DTYPE_CODES:
+        return f"dtypes {lhs.dtype}/{rhs.dtype} (only float32 or bfloat16, both alike)"
+    out_dtype = lhs.dtype if preferred_element_type is None else np.dtype(preferred_element_type)
+    if out_dtype not in (lhs.dtype, np.dtype(np.float32)):
         return f"preferred_element_type {preferred_element_type}"
     if feature_group_count != 1 or batch_group_count != 1:
         return "grouped convolution"
@@ -552,12 +559,14 @@ def plan(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
         pads = [tuple(int(i) for i in p) for p in padding]
     if len(pads) != 2 or any(len(p) != 2 for p in pads) or min(min(p) for p in pads) < 0:
         return "negative or malformed padding"
-    cfg = ConvConfig(strides, dilation, (pads[0][0], pads[1][0]), (pads[0][1], pads[1][1]))
+    cfg = ConvConfig(strides, dilation, (pads[0][0], pads[1][0]), (pads[0][1], pads[1][1]), out_dtype.name)
     if min(_out_spatial(cfg, tuple(lhs.shape[1:3]), khw)) < 1:
         return "empty output"
     if jax.default_backend() != "cpu":
         return f"backend {jax.default_backend()} (oneDNN path is CPU only)"
     reason = unavailable_reason()
+    if reason is None and lhs.dtype == jnp.bfloat16:
+        reason = bfloat16_reason()
     if reason is not None:
         return reason
     return cfg
@@ -571,7 +580,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          precision=None, preferred_element_type=None):
     """Drop-in for `jax.lax.conv_general_dilated`: oneDNN where supported, XLA otherwise.
 
-    `precision` is ignored on the oneDNN path (it computes in float32).
+    `precision` is ignored on the oneDNN path (it accumulates in float32).
     """
     cfg = plan(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                feature_group_count, batch_group_count, preferred_element_type)
@@ -589,16 +598,24 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 
 def conv(x, w, strides=(1, 1), padding="SAME"):
-    """oneDNN convolution of NHWC `x` with HWIO `w` (float32); raises when it cannot run on oneDNN."""
+    """oneDNN convolution of NHWC `x` with HWIO `w` (float32 or bfloat16, both alike); raises when it
+    cannot run on oneDNN."""
     cfg = plan(x, w, strides, padding, dimension_numbers=_NHWC_DN)
     if not isinstance(cfg, ConvConfig):
         raise OneDNNUnavailable(cfg)
     return _conv(x, w, cfg)
 
 
-def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME") -> str:
-    """The oneDNN implementation chosen for a convolution ('fwd', 'bwd_data' or 'bwd_weights')."""
-    x = jax.ShapeDtypeStruct(tuple(x_shape), np.float32)
+def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME", dtype=np.float32,
+              out_dtype=None) -> str:
+    """The oneDNN implementation chosen for a convolution ('fwd', 'bwd_data' or 'bwd_weights') whose
+    inputs are `dtype` and whose output is `out_dtype` (default: `dtype`)."""
+    dtype = np.dtype(dtype)
+    out_dtype = dtype if out_dtype is None else np.dtype(out_dtype)
+    if dtype not in DTYPE_CODES or out_dtype not in (dtype, np.dtype(np.float32)):
+        raise ValueError(f"dtypes {dtype} -> {out_dtype}: only float32 or bfloat16 inputs, with a float32 "
+                         "output or one of theirs")
+    x = jax.ShapeDtypeStruct(tuple(x_shape), np.float32)  # checked as float32: no bfloat16 probe
     w = jax.ShapeDtypeStruct(tuple(w_shape), np.float32)
     cfg = plan(x, w, strides, padding, dimension_numbers=_NHWC_DN)
     if not isinstance(cfg, ConvConfig):
@@ -606,7 +623,8 @@ def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME") -> st
     oh, ow = _out_spatial(cfg, tuple(x_shape[1:3]), tuple(w_shape[:2]))
     n, h, wd, c = x_shape
     kh, kw, _, o = w_shape
-    geom = (n, c, h, wd, o, kh, kw, oh, ow, *cfg.strides, *cfg.dilation, *cfg.pad_lo, *cfg.pad_hi)
+    geom = (n, c, h, wd, o, kh, kw, oh, ow, *cfg.strides, *cfg.dilation, *cfg.pad_lo, *cfg.pad_hi,
+            DTYPE_CODES[dtype], DTYPE_CODES[out_dtype])
     arr = (ctypes.c_int64 * len(geom))(*geom)
     buf = ctypes.create_string_buffer(512)
     rc = _load().fermsca_onednn_impl_info(list(TARGETS).index(kind), arr, buf, len(buf))
@@ -614,3 +632,27 @@ def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME") -> st
     if rc != 0:
         raise RuntimeError(text)
     return text
+
+
+# Element-type codes of the custom calls (csrc/onednn_conv.cc's ElementType).
+DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1}
+
+
+@functools.cache
+def bfloat16_reason() -> str | None:
+    """None when oneDNN has a JIT bfloat16 convolution on this CPU for all three kinds (AVX-512 and
+    up); otherwise why not (e.g. an AVX2 CPU: no primitive). oneDNN's reference kernels, where it
+    falls back to them, are far slower than XLA, so they count as unsupported."""
+    try:
+        # The calls `conv_general_dilated` makes: a bfloat16 or float32 forward output; gradients
+        # in bfloat16.
+        impls = {(kind, np.dtype(out).name): impl_info(kind, (2, 8, 8, 16), (3, 3, 16, 16),
+                                                        dtype=jnp.bfloat16, out_dtype=out)
+                 for kind, out in (("fwd", jnp.bfloat16), ("fwd", np.float32),
+                                   ("bwd_data", jnp.bfloat16), ("bwd_weights", jnp.bfloat16))}
+    except (OneDNNUnavailable, RuntimeError) as e:
+        return f"oneDNN bfloat16 convolution unavailable: {e}"
+    slow = {kind: impl for kind, impl in impls.items() if impl.startswith("ref")}
+    if slow:
+        return f"oneDNN has no native bfloat16 convolution on this CPU ({slow})"
+    return None

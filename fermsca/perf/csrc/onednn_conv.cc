@@ -1,7 +1,8 @@
 // oneDNN-backed 2-D convolutions exposed to XLA as FFI custom calls (CPU).
 //
-// Three handlers, all float32, batch-major activations and HWIO kernels as JAX lays them out
-// (row-major NHWC / HWIO buffers):
+// Three handlers, batch-major activations and HWIO kernels as JAX lays them out (row-major NHWC /
+// HWIO buffers). The two inputs of a call are both float32 or both bfloat16; the output is float32
+// or, for bfloat16 inputs, either (oneDNN accumulates in float32 in every case):
 //   fermsca_onednn_conv_fwd          x [N,H,W,C], w [KH,KW,C,O]   -> y  [N,OH,OW,O]
 //   fermsca_onednn_conv_bwd_data     dy [N,OH,OW,O], w [KH,KW,C,O] -> dx [N,H,W,C]
 //   fermsca_onednn_conv_bwd_weights  x [N,H,W,C], dy [N,OH,OW,O]  -> dw [KH,KW,C,O]
@@ -38,6 +39,7 @@ using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+enum ElementType : int64_t { kF32 = 0, kBF16 = 1 };
 
 // Everything that determines a primitive.
 struct ConvGeom {
@@ -47,14 +49,18 @@ struct ConvGeom {
   int64_t sh, sw;          // strides
   int64_t dh, dw;          // dilation, JAX convention (1 = none)
   int64_t plh, plw, phh, phw;  // padding low/high
+  int64_t type = kF32;      // element type of the two inputs
+  int64_t out_type = kF32;  // element type of the output
 };
 
-using Key = std::array<int64_t, 18>;
+using Key = std::array<int64_t, 20>;
 
 Key MakeKey(Kind kind, const ConvGeom& g) {
   return Key{kind, g.n, g.c, g.h, g.w, g.o, g.kh, g.kw, g.oh, g.ow, g.sh,
-             g.sw, g.dh, g.dw, g.plh, g.plw, g.phh, g.phw};
+             g.sw, g.dh, g.dw, g.plh, g.plw, g.phh, g.phw, g.type, g.out_type};
 }
+
+dt DataType(int64_t type) { return type == kBF16 ? dt::bf16 : dt::f32; }
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
@@ -93,12 +99,12 @@ struct Plan {
   std::string impl;
 };
 
-memory::desc ActDesc(int64_t n, int64_t c, int64_t h, int64_t w, tag t) {
-  return memory::desc({n, c, h, w}, dt::f32, t);
+memory::desc ActDesc(int64_t n, int64_t c, int64_t h, int64_t w, dt type, tag t) {
+  return memory::desc({n, c, h, w}, type, t);
 }
 
-memory::desc WeiDesc(const ConvGeom& g, tag t) {
-  return memory::desc({g.o, g.c, g.kh, g.kw}, dt::f32, t);
+memory::desc WeiDesc(const ConvGeom& g, dt type, tag t) {
+  return memory::desc({g.o, g.c, g.kh, g.kw}, type, t);
 }
 
 dnnl::primitive_attr UserScratchAttr() {
@@ -128,11 +134,18 @@ std::unique_ptr<Plan> BuildPlan(Kind kind, const ConvGeom& g) {
   const memory::dims pad_l{g.plh, g.plw};
   const memory::dims pad_r{g.phh, g.phw};
 
-  const memory::desc x_user = ActDesc(g.n, g.c, g.h, g.w, tag::nhwc);
-  const memory::desc y_user = ActDesc(g.n, g.o, g.oh, g.ow, tag::nhwc);
-  const memory::desc w_user = WeiDesc(g, tag::hwio);
+  // The call's output is the forward's dst, backward-data's diff_src or backward-weights'
+  // diff_weights; the forward hint of the backward primitives takes the same types.
+  const dt in = DataType(g.type), out = DataType(g.out_type);
+  const dt x_type = kind == kBwdData ? out : in;
+  const dt w_type = kind == kBwdWeights ? out : in;
+  const dt y_type = kind == kFwd ? out : in;
+  const memory::desc x_user = ActDesc(g.n, g.c, g.h, g.w, x_type, tag::nhwc);
+  const memory::desc y_user = ActDesc(g.n, g.o, g.oh, g.ow, y_type, tag::nhwc);
+  const memory::desc w_user = WeiDesc(g, w_type, tag::hwio);
 
-  const memory::desc w_any = WeiDesc(g, tag::any);  // oneDNN's choice; the HWIO kernel is reordered
+  // oneDNN's choice of kernel layout; the HWIO kernel is reordered
+  const memory::desc w_any = WeiDesc(g, w_type, tag::any);
 
   const auto attr = UserScratchAttr();
   const auto algo = dnnl::algorithm::convolution_direct;
@@ -338,19 +351,43 @@ ffi::Error Guarded(Fn&& fn) {
   return ffi::Error::Success();
 }
 
-using F32Buf = ffi::Buffer<ffi::F32>;
-using F32Res = ffi::ResultBuffer<ffi::F32>;
+using Buf = ffi::AnyBuffer;
+using Res = ffi::Result<ffi::AnyBuffer>;
 using I64s = ffi::Span<const int64_t>;
 
-bool Rank4(const F32Buf& b) { return b.dimensions().size() == 4; }
+std::optional<int64_t> TypeCode(ffi::DataType t) {
+  if (t == ffi::DataType::F32) return kF32;
+  if (t == ffi::DataType::BF16) return kBF16;
+  return std::nullopt;
+}
 
-ffi::Error ConvFwd(F32Buf x, F32Buf w, F32Res y, I64s strides, I64s dilation, I64s pad_lo,
-                   I64s pad_hi) {
-  if (!Rank4(x) || !Rank4(w) || y->dimensions().size() != 4) {
+// The element types of a call (inputs alike; a float32 output, or bfloat16 for bfloat16 inputs).
+ffi::Error ReadType(ConvGeom& g, const Buf& a, const Buf& b, Res& out) {
+  const auto in = TypeCode(a.element_type()), result = TypeCode(out->element_type());
+  if (!in || !result) {
+    return ffi::Error::InvalidArgument("onednn_conv: only float32 and bfloat16 operands");
+  }
+  if (b.element_type() != a.element_type() || (*in == kF32 && *result != kF32)) {
+    return ffi::Error::InvalidArgument(
+        "onednn_conv: inputs of different element types, or a bfloat16 output of float32 inputs");
+  }
+  g.type = *in;
+  g.out_type = *result;
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckRank4(const Buf& a, const Buf& b, Res& out) {
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || out->dimensions().size() != 4) {
     return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4");
   }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvFwd(Buf x, Buf w, Res y, I64s strides, I64s dilation, I64s pad_lo, I64s pad_hi) {
+  if (auto err = CheckRank4(x, w, y); err.failure()) return err;
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   ConvGeom g{xd[0], xd[3], xd[1], xd[2], wd[3], wd[0], wd[1], yd[1], yd[2]};
+  if (auto err = ReadType(g, x, w, y); err.failure()) return err;
   if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi); err.failure()) return err;
   if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes (forward)");
@@ -360,13 +397,12 @@ ffi::Error ConvFwd(F32Buf x, F32Buf w, F32Res y, I64s strides, I64s dilation, I6
                                y->untyped_data()); });
 }
 
-ffi::Error ConvBwdData(F32Buf dy, F32Buf w, F32Res dx, I64s strides, I64s dilation, I64s pad_lo,
+ffi::Error ConvBwdData(Buf dy, Buf w, Res dx, I64s strides, I64s dilation, I64s pad_lo,
                        I64s pad_hi) {
-  if (!Rank4(dy) || !Rank4(w) || dx->dimensions().size() != 4) {
-    return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4");
-  }
+  if (auto err = CheckRank4(dy, w, dx); err.failure()) return err;
   auto yd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
   ConvGeom g{xd[0], xd[3], xd[1], xd[2], wd[3], wd[0], wd[1], yd[1], yd[2]};
+  if (auto err = ReadType(g, dy, w, dx); err.failure()) return err;
   if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi); err.failure()) return err;
   if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes (backward data)");
@@ -376,13 +412,12 @@ ffi::Error ConvBwdData(F32Buf dy, F32Buf w, F32Res dx, I64s strides, I64s dilati
                                dx->untyped_data()); });
 }
 
-ffi::Error ConvBwdWeights(F32Buf x, F32Buf dy, F32Res dw, I64s strides, I64s dilation, I64s pad_lo,
+ffi::Error ConvBwdWeights(Buf x, Buf dy, Res dw, I64s strides, I64s dilation, I64s pad_lo,
                           I64s pad_hi) {
-  if (!Rank4(x) || !Rank4(dy) || dw->dimensions().size() != 4) {
-    return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4");
-  }
+  if (auto err = CheckRank4(x, dy, dw); err.failure()) return err;
   auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
   ConvGeom g{xd[0], xd[3], xd[1], xd[2], wd[3], wd[0], wd[1], yd[1], yd[2]};
+  if (auto err = ReadType(g, x, dy, dw); err.failure()) return err;
   if (auto err = ReadAttrs(g, strides, dilation, pad_lo, pad_hi); err.failure()) return err;
   if (wd[2] != g.c || yd[0] != g.n || yd[3] != g.o) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes (backward weights)");
@@ -396,9 +431,9 @@ ffi::Error ConvBwdWeights(F32Buf x, F32Buf dy, F32Res dw, I64s strides, I64s dil
 
 #define FERMSCA_CONV_BINDING                \
   ffi::Ffi::Bind()                          \
-      .Arg<F32Buf>()                        \
-      .Arg<F32Buf>()                        \
-      .Ret<F32Buf>()                        \
+      .Arg<Buf>()                           \
+      .Arg<Buf>()                           \
+      .Ret<Buf>()                           \
       .Attr<I64s>("strides")                \
       .Attr<I64s>("dilation")               \
       .Attr<I64s>("pad_lo")                 \
@@ -424,14 +459,19 @@ const char* fermsca_onednn_version() {
 }
 
 // The implementation oneDNN picks for one convolution (e.g. "brg_conv_fwd:avx2"), written into
-// `buf` (NUL-terminated, truncated to `len`). Returns 0 on success, -1 on error (message in buf).
+// `buf` (NUL-terminated, truncated to `len`). `geom` holds ConvGeom's 19 fields in order (the last
+// two, the inputs' and the output's element types: 0 float32, 1 bfloat16). Returns 0 on success,
+// -1 on error (message in buf).
 int fermsca_onednn_impl_info(int64_t kind, const int64_t* geom, char* buf, int64_t len) {
   if (len <= 0) return -1;
   std::string out;
   int rc = 0;
   try {
     ConvGeom g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8],
-               geom[9], geom[10], geom[11], geom[12], geom[13], geom[14], geom[15], geom[16]};
+               geom[9], geom[10], geom[11], geom[12], geom[13], geom[14], geom[15], geom[16],
+               geom[17], geom[18]};
+    if (g.type != kF32 && g.type != kBF16) throw std::invalid_argument("bad element type");
+    if (g.out_type != kF32 && g.out_type != g.type) throw std::invalid_argument("bad output type");
     if (kind < kFwd || kind > kBwdWeights) throw std::invalid_argument("bad kind");
     const Plan& plan = Cache().Get(static_cast<Kind>(kind), g);
     out = plan.impl;
