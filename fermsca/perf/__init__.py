@@ -11,6 +11,11 @@ chooses faster drop-ins with the same parameters and mathematics:
 - `stem`: `stem.FusedStem` (float32), the stem's conv + BatchNorm + ReLU + pool in one pass over its
   activations, with the BatchNorm statistics taken from the patches' Gram matrix.
 
+One precision option sits here too, because it only changes how the convolutions compute:
+`config.model.conv_dtype = "bfloat16"` wraps the convolution in `BFloat16Operands` (operands rounded
+to bfloat16, accumulated and returned in float32; every other layer float32). Unlike the levers
+above it changes the numbers, so it is off by default and never part of the paper's configuration.
+
 `hugepages` backs large allocations with transparent huge pages (called by the command-line entry
 points). What each lever gains, and the levers that were tried and removed, are measured in
 experiments/perf/README.md.
@@ -120,7 +125,7 @@ def conv_function(conv_impl: str, dtype: str = "float32") -> Callable:
 def conv_dtype(model_config: Any) -> str:
     """The dtype the convolutions' operands take: the model's, or bfloat16 where
     `config.model.conv_dtype` asks for it (configs from before that field: float32)."""
-    if model_config.get("conv_dtype", "float32") == "bfloat16":
+    if getattr(model_config, "conv_dtype", "float32") == "bfloat16":
         return "bfloat16"
     return model_config.dtype
 
