@@ -160,6 +160,24 @@ def test_fold_conv_vmaps_onednn():
                      got, want)
 
 
+@pytest.mark.skipif(not onednn_conv.available() or onednn_conv.bfloat16_reason() is not None,
+                    reason="no oneDNN bfloat16 convolution on this CPU")
+def test_fold_conv_vmaps_bfloat16_operands_on_onednn():
+    """config.model.conv_dtype=bfloat16 over folds: each fold gets its lone run's bfloat16 convolution."""
+    from fermsca import perf
+
+    x, w, g = _fold_operands(2)
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
+    conv = perf.BFloat16Operands(crossval.fold_conv(onednn_conv.conv_general_dilated))
+    got = jax.jit(jax.vmap(grad(functools.partial(_conv_loss, conv))))(x, w, g)
+    lone = perf.BFloat16Operands(onednn_conv.conv_general_dilated)
+    for k in range(len(x)):
+        want = jax.jit(grad(functools.partial(_conv_loss, lone)))(x[k], w[k], g[k])
+        jax.tree.map(lambda a, b, k=k: np.testing.assert_allclose(a[k], b, rtol=1e-6, atol=1e-5),
+                     got, want)
+    assert got[1][0].dtype == jnp.float32
+
+
 @pytest.mark.slow  # trains three tiny folds twice (about 30 s)
 def test_folds_match_lone_runs(study):
     """Each fold's final parameters and BatchNorm statistics are its lone run's, to float32 rounding.

@@ -750,3 +750,34 @@ def test_a_split_too_large_for_the_device_is_refused_or_left_on_the_host(feed_tr
     with pytest.raises(cli.ConfigError, match=rf"config.data_on_device='on': the training split needs "
                                               rf"{mib} .* set it to 'auto' or 'off'"):
         train._device_train_split(config, trainer, split)
+
+
+@pytest.mark.slow  # two trainers compiled (about 40 s)
+def test_bfloat16_convolutions_train_a_float32_model_close_to_float32():
+    """config.model.conv_dtype=bfloat16 (on XLA here, so it runs on any CPU): parameters and the loss
+    stay float32, and two steps land near the float32 run's parameters without equalling them."""
+    from configs import default
+    from fermsca import train
+
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 256, (8, 48, 48, 1), dtype=np.uint8),
+                "target": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)]} for _ in range(2)]
+    params = {}
+    for conv_dtype in ("float32", "bfloat16"):
+        config = default.get_config()
+        config.model.update(stem_width=8, widths=(8, 16, 16), conv_impl="xla", conv_dtype=conv_dtype)
+        trainer = train.Trainer(config, num_classes=4, steps_per_epoch=100, mesh=train.make_mesh())
+        state = trainer.init_state()
+        for batch in batches:
+            state, metrics = trainer.train(state, batch)
+        assert np.isfinite(float(metrics.compute()["loss"]))
+        params[conv_dtype] = jax.device_get(state.params)
+    leaves = zip(jax.tree.leaves(params["float32"]), jax.tree.leaves(params["bfloat16"]), strict=True)
+    differ = False
+    for a, b in leaves:
+        assert b.dtype == np.float32
+        # Adam moves each parameter by up to about the learning rate (1e-3) a step whatever the
+        # gradient's size, so where a gradient is near zero the two runs may step apart by 2e-3 each.
+        np.testing.assert_allclose(b, a, rtol=0, atol=4.5e-3 + 0.02 * np.abs(a).max())
+        differ |= not np.array_equal(a, b)
+    assert differ
