@@ -1,7 +1,7 @@
 """CPU fast path for 2-D convolutions: oneDNN primitives called from XLA through `jax.ffi`.
 
 The default on x86-64 Linux CPUs (`config.model.conv_impl = "auto"`, resolved by
-`models.resolve_conv_impl`); "onednn" requires it, "xla" never uses it.
+`perf.resolve_conv_impl`); "onednn" requires it, "xla" never uses it.
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (as `flax.linen.Conv` calls it,
 `nn.Conv(..., conv_general_dilated=onednn_conv.conv_general_dilated)`). NHWC / HWIO convolutions
