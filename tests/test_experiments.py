@@ -124,7 +124,7 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
     assert study.rows[0].overrides == {} and study.seeds == (0, 1)
     assert study.budget["full"]["num_epochs"] == 30 and "30 epochs" in study.note
     levers = [r for r in study.rows[1:]]
-    assert len({r.name for r in levers}) == len(levers) == 10
+    assert len({r.name for r in levers}) == len(levers) == 11
     two_fields = {"warmup_cosine": {"optimizer.schedule", "optimizer.warmup_epochs"},
                   "wider": {"model.stem_width", "model.widths"}}
     for row in levers:  # one lever per row
