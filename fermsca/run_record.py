@@ -23,6 +23,7 @@ import numpy as np
 from fermsca import config_schema, report
 
 RESULTS_FILE = "results.json"
+PROGRESS_FILE = "progress.json"
 
 
 def versions() -> dict[str, str]:
@@ -173,6 +174,31 @@ def write_results(workdir: str, record: dict) -> str:
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     logging.info("wrote %s", path)
+    return path
+
+
+def write_progress(workdir: str, config: ml_collections.ConfigDict, status: str, step: int,
+                   num_steps: int, steps_per_epoch: int, history: list[dict]) -> str:
+    """Writes <workdir>/progress.json: a run's state so far (status "running", "preempted" or
+    "completed", the furthest step and epoch, every finished epoch's metrics), rewritten after each
+    epoch, so a long run that stops (a session's end, a preemption) leaves a record of how far it got
+    beside its checkpoints. Written to a temporary file and renamed: never half-written."""
+    record = {
+        "status": status,
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "num_epochs": num_steps / steps_per_epoch,
+        "best_validation_accuracy": max((h["validation_accuracy"] for h in history
+                                         if h["validation_accuracy"] is not None), default=None),
+        "history": history,
+        "config": json.loads(config.to_json()),
+        **environment(),
+        "seed": config.seed,
+    }
+    path = os.path.join(workdir, PROGRESS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
     return path
 
 

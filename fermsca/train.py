@@ -541,6 +541,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     epoch_index = step // steps_per_epoch
                     if done or epoch_index % config.checkpoint_every_epochs == 0:
                         save(step, epoch, None if val is None else val["accuracy"])
+                    if is_chief:
+                        run_record.write_progress(workdir, config, "running", step, num_steps,
+                                                  steps_per_epoch, history)
                     timer.resume()
                 elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                     save(step, step / steps_per_epoch, None)
@@ -551,6 +554,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         timer.pause(state)
         ckpts.wait()
         writer.flush()
+        if is_chief:
+            run_record.write_progress(workdir, config, status, int(state.step), num_steps,
+                                      steps_per_epoch, history)
         if status == "preempted":
             ckpts.close()
             logging.warning("preempted at step %d; rerun with the same --workdir to resume",

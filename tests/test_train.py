@@ -146,6 +146,13 @@ def test_cli_run_writes_results_checkpoints_and_events(reference_run):
     assert results["train_data_on_device"] is False  # data_on_device "auto" is off on a CPU
     assert results["dataset"]["source"] is None  # built-in set: no raw files to fingerprint
     assert results["warnings"] == [] or all("not learning" in w for w in results["warnings"])
+    with open(os.path.join(workdir, "progress.json")) as f:  # the per-epoch record, final form
+        progress = json.load(f)
+    assert progress["status"] == "completed" and progress["step"] == 24
+    assert progress["epoch"] == progress["num_epochs"] == 3
+    assert progress["history"] == results["history"]
+    assert progress["best_validation_accuracy"] == results["best_validation_accuracy"]
+    assert progress["config"] == results["config"] and progress["seed"] == results["seed"]
     # The run's compiled steps went to the persistent cache (tests/conftest.py points it here).
     cache = os.listdir(os.environ["FERMSCA_COMPILATION_CACHE"])
     assert any(name.startswith("jit_train_step-") for name in cache), cache
@@ -241,6 +248,10 @@ def test_sigterm_saves_and_resumes(tmp_path, data_dir, reference_run):
     assert "pre-empted at step" in err
     step = int(err.split("pre-empted at step")[1].split(":")[0])
     assert step in committed_steps(workdir)
+    with open(os.path.join(workdir, "progress.json")) as f:  # how far it got, beside the checkpoints
+        progress = json.load(f)
+    assert progress["status"] == "preempted" and progress["step"] == step
+    assert len(progress["history"]) == int(progress["epoch"]) and progress["num_epochs"] == 3
     # Outside compilation a pre-emption is honoured well within a typical 30 s grace period.
     assert acted < 30, f"took {acted:.1f} s to save and exit after SIGTERM"
     run_main(workdir, data_dir)
