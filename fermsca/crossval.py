@@ -190,8 +190,9 @@ def fold_model(model_config: Any, num_classes: int, per_fold_convs: bool | None 
     if per_fold_convs is None:
         per_fold_convs = jax.default_backend() == "cpu"
     if per_fold_convs:
-        impl = perf.resolve_conv_impl(model_config.conv_impl, perf.conv_dtype(model_config))
-        conv, how = fold_conv(perf.conv_function(impl, perf.conv_dtype(model_config))), f"{impl}, per fold"
+        dtype = perf.conv_dtype(model_config)
+        impl = perf.resolve_conv_impl(model_config.conv_impl, dtype)
+        conv, how = fold_conv(perf.conv_function(impl, dtype)), f"{impl}, per fold"
     else:  # oneDNN's custom_partitioning call has no batching (vmap) rule
         conv, how = lax.conv_general_dilated, "xla, grouped over folds"
     return models.from_config(model_config, num_classes, **perf.building_blocks(model_config, conv)), how

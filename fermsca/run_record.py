@@ -144,8 +144,7 @@ def results(config: ml_collections.ConfigDict, data: Any, evaluated_split: str |
         "evaluated_split": evaluated_split,
         "evaluations": evaluations,
         "accuracy": None if headline is None else headline["accuracy"],
-        "best_validation_accuracy": max((h["validation_accuracy"] for h in history
-                                         if h["validation_accuracy"] is not None), default=None),
+        "best_validation_accuracy": best_validation_accuracy(history),
         "epochs": num_steps / steps_per_epoch,
         "steps": num_steps,
         "history": history,
@@ -177,22 +176,28 @@ def write_results(workdir: str, record: dict) -> str:
     return path
 
 
+def best_validation_accuracy(history: list[dict]) -> float | None:
+    """The highest validation accuracy among a run's epochs (None without validation)."""
+    return max((h["validation_accuracy"] for h in history if h["validation_accuracy"] is not None),
+               default=None)
+
+
 def write_progress(workdir: str, config: ml_collections.ConfigDict, status: str, step: int,
-                   num_steps: int, steps_per_epoch: int, history: list[dict]) -> str:
+                   num_steps: int, steps_per_epoch: int, history: list[dict], env: dict) -> str:
     """Writes <workdir>/progress.json: a run's state so far (status "running", "preempted" or
     "completed", the furthest step and epoch, every finished epoch's metrics), rewritten after each
     epoch, so a long run that stops (a session's end, a preemption) leaves a record of how far it got
-    beside its checkpoints. Written to a temporary file and renamed: never half-written."""
+    beside its checkpoints. `env`: the run's `environment()`, taken once. Written to a temporary file
+    and renamed: never half-written."""
     record = {
         "status": status,
         "step": step,
         "epoch": step / steps_per_epoch,
         "num_epochs": num_steps / steps_per_epoch,
-        "best_validation_accuracy": max((h["validation_accuracy"] for h in history
-                                         if h["validation_accuracy"] is not None), default=None),
+        "best_validation_accuracy": best_validation_accuracy(history),
         "history": history,
         "config": json.loads(config.to_json()),
-        **environment(),
+        **env,
         "seed": config.seed,
     }
     path = os.path.join(workdir, PROGRESS_FILE)

@@ -458,6 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_step = int(state.step)
         meta_base = {"config": config.to_json(), "class_names": list(data.class_names),
                      "dataset": data.name}
+        env = run_record.environment() if is_chief else {}  # for progress.json, taken once
 
         def save(step: int, epoch: float, val_accuracy: float | None) -> None:
             if step in ckpts.latest.all_steps():  # e.g. SIGTERM right after an end-of-epoch save
@@ -543,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         save(step, epoch, None if val is None else val["accuracy"])
                     if is_chief:
                         run_record.write_progress(workdir, config, "running", step, num_steps,
-                                                  steps_per_epoch, history)
+                                                  steps_per_epoch, history, env)
                     timer.resume()
                 elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                     save(step, step / steps_per_epoch, None)
@@ -556,7 +557,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.flush()
         if is_chief:
             run_record.write_progress(workdir, config, status, int(state.step), num_steps,
-                                      steps_per_epoch, history)
+                                      steps_per_epoch, history, env)
         if status == "preempted":
             ckpts.close()
             logging.warning("preempted at step %d; rerun with the same --workdir to resume",

@@ -157,12 +157,13 @@ def test_write_progress_replaces_the_record_whole(tmp_path):
     rows = [run_record.epoch_row(1.0, {"loss": 0.5, "accuracy": 0.6}, None, 1e-3),
             run_record.epoch_row(2.0, {"loss": 0.4, "accuracy": 0.7},
                                  {"loss": 0.45, "accuracy": 0.65}, 1e-3)]
-    path = run_record.write_progress(str(tmp_path), config, "running", 10, 40, 10, rows[:1])
+    env = run_record.environment()
+    path = run_record.write_progress(str(tmp_path), config, "running", 10, 40, 10, rows[:1], env)
     with open(path) as f:
         first = json.load(f)
     assert (first["status"], first["step"], first["epoch"], first["num_epochs"]) == ("running", 10, 1.0, 4.0)
     assert first["best_validation_accuracy"] is None and first["history"] == rows[:1]
-    run_record.write_progress(str(tmp_path), config, "preempted", 25, 40, 10, rows)
+    run_record.write_progress(str(tmp_path), config, "preempted", 25, 40, 10, rows, env)
     with open(path) as f:
         second = json.load(f)
     assert (second["status"], second["epoch"], second["best_validation_accuracy"]) == ("preempted", 2.5, 0.65)

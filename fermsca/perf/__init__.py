@@ -169,8 +169,9 @@ def building_blocks(model_config: Any, conv_general_dilated: Callable | None = N
     `batchnorm.BatchNorm`, "pool": `pooling.max_pool`, "stem": `stem.FusedStem` (float32 only;
     other dtypes keep `models.Stem`)}. `conv_general_dilated` overrides the convolution function (e.g.
     the per-fold convolution of `fermsca.crossval`)."""
-    conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, conv_dtype(model_config))
-    if model_config.dtype == "float32" and conv_dtype(model_config) == "bfloat16":
+    operand_dtype = conv_dtype(model_config)
+    conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, operand_dtype)
+    if model_config.dtype == "float32" and operand_dtype == "bfloat16":
         conv_fn = BFloat16Operands(conv_fn)
     blocks = {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "norm": batchnorm.BatchNorm,
               "pool": pooling.max_pool}

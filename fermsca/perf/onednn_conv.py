@@ -67,6 +67,8 @@ TARGETS = {
     "bwd_data": "fermsca_onednn_conv_bwd_data",
     "bwd_weights": "fermsca_onednn_conv_bwd_weights",
 }
+# Element-type codes of the custom calls (csrc/onednn_conv.cc's ElementType).
+DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1}
 INSTALL_HINT = ("pip install -e . (on x86-64 Linux it installs onednn-cpu-tbb onednn-devel-cpu-tbb "
                 "intel-cmplr-lib-rt)")
 
@@ -633,9 +635,6 @@ def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME", dtype
         raise RuntimeError(text)
     return text
 
-
-# Element-type codes of the custom calls (csrc/onednn_conv.cc's ElementType).
-DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1}
 
 
 @functools.cache
