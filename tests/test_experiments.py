@@ -446,6 +446,43 @@ def test_ckplus_headline_puts_both_protocols_side_by_side(tmp_path):
     assert index.startswith("CK+ at the paper's settings") and "| study | budget | results |" in index
 
 
+def test_ckplus_tables_2_3_sit_together_with_the_full_budget_row_last(tmp_path):
+    results = tmp_path / "experiments" / "results"
+    assert report.ckplus_tables_2_3(tmp_path, results) is None  # nothing finished: no table
+
+    def file_row(row_dir: Path, counts: list[tuple[int, int]], epochs: int) -> None:
+        for k, (right, wrong) in enumerate(counts):
+            write(row_dir / f"fold_{k}", {**fold_results(k, right, wrong), "epochs": epochs,
+                                          "config": {"dataset": {"num_folds": 10}}})
+        common.summarize_folds(row_dir, {"repeats": [f"fold_{k}" for k in range(len(counts))]})
+
+    file_row(results / "table2_lr" / "epochs_20" / "ckplus-lr_1e-3", [(8, 2), (6, 4)], 20)
+    file_row(results / "table3_ablation" / "epochs_20" / "ckplus-se0_bn0", [(9, 1), (9, 1)], 20)
+    file_row(results / "ckplus_protocols" / "full" / "ckplus-kfold", [(10, 0), (9, 1)], 200)
+    text = report.ckplus_tables_2_3(tmp_path, results)
+    assert text.startswith("Tables 2 and 3, CK+ rows, at a reduced budget: 20 epochs of the paper's 200")
+    lines = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| 2", "learning rate 0.01 (constant)"], ["| 2", "learning rate 0.001 (constant)"],
+        ["| 2", "learning rate 0.0001 (constant)"], ["| 2", "learning rate 0.00001 (constant)"],
+        ["| 2, 3", "Table 1 learning-rate schedule, SE ✓, BN ✓: the paper's configuration"],
+        ["| 3", "SE ×, BN ×"], ["| 3", "SE ✓, BN ×"], ["| 3", "SE ×, BN ✓"],
+        ["| 2, 3", "the paper's configuration at the full 200 epochs (Table 1 schedule, SE ✓, BN ✓)"]]
+    lr = f"{np.mean([0.8, 0.6]):.4f} ± {np.std([0.8, 0.6], ddof=1):.4f} (2 folds)"
+    row = "experiments/results/table2_lr/epochs_20/ckplus-lr_1e-3"
+    assert lines[1].split(" | ")[2:] == [
+        lr, lines[1].split(" | ")[3], "0.7000", "20", "0.9048",
+        f"[summary.json]({row}/summary.json) [Fig. 8]({row}/confusion_matrix.png) |"]
+    assert lines[0].split(" | ")[2:4] == ["not run yet", ""] and lines[0].endswith("| 0.9116 |  |")
+    assert lines[5].split(" | ")[2] == "0.9000 ± 0.0000 (2 folds)"
+    assert lines[8].split(" | ")[2:7] == [f"0.9500 ± {np.std([1.0, 0.9], ddof=1):.4f} (2 folds)",
+                                          lines[8].split(" | ")[3], "0.9500", "200", "0.9932"]
+    assert all((tmp_path / t).is_file() for t in link_targets(text))
+    index = report.index(tmp_path, results / "README.md", results)
+    assert index.index("CK+ at the paper's settings") < index.index("Tables 2 and 3, CK+ rows") \
+        < index.index("| study | budget | results |")
+
+
 def test_a_reduced_budget_runs_the_full_settings_at_fewer_epochs_into_its_own_mode(tmp_path, capsys):
     common.main(table2_lr.STUDY, ["--dataset", "ckplus", "--manual_dir", "/data/ck", "--epochs", "25",
                                   "--rows", "table1", "--dry_run", "--scratch", str(tmp_path)])

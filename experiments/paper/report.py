@@ -93,9 +93,77 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
                                      "Macro F1 (mean)", "Epochs", "Results"], rows))
 
 
+def _ckplus_summary_cells(row_dir: Path, relative_to: Path) -> list[str] | None:
+    """Accuracy, macro F1, pooled accuracy, epochs and links of a cross-validated CK+ row, from its
+    summary.json and fold results; None where it has no summary yet."""
+    summary_path = row_dir / "summary.json"
+    if not summary_path.is_file():
+        return None
+    s = common.load_json(summary_path)
+    folds = [common.load_json(p) for p in common.row_results(row_dir)]
+    figure = row_dir / "confusion_matrix.png"
+    return [f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f} ({len(folds)} folds)",
+            f"{s['macro_f1_mean']:.3f}", f"{s['pooled']['accuracy']:.4f}",
+            "/".join(f"{e:g}" for e in sorted({float(r['epochs']) for r in folds})),
+            " ".join([common.link("summary.json", summary_path, relative_to),
+                      *([common.link("Fig. 8", figure, relative_to)] if figure.is_file() else [])])]
+
+
+def ckplus_tables_2_3(relative_to: Path, results_root: Path = common.RESULTS) -> str | None:
+    """The CK+ rows of Tables 2 (learning rate) and 3 (SE / BN) in one table per reduced budget
+    (`--epochs N`), each closed by the paper's configuration at the full 200 epochs (the
+    subject-independent protocol of `ckplus_results`), so a reader sees how far the reduced budget
+    is from it; None before any row has finished."""
+    studies = (table2_lr.STUDY, table3_ablation.STUDY)
+    mode_names = sorted({m for study in studies for m in common.modes(results_root / study.name)
+                         if common.reduced_epochs(m) is not None}, key=common.reduced_epochs,
+                        reverse=True)
+    full_cells = _ckplus_summary_cells(
+        results_root / ckplus_protocols.STUDY.name / "full" / "ckplus-kfold", relative_to)
+    blocks = []
+    for mode in mode_names:
+        lines, shown = [], False
+        for study, number in zip(studies, ("2", "3"), strict=True):
+            for row in study.rows:
+                if row.same_as is not None:
+                    continue  # trained once, as the other table's row
+                own = results_root / study.name / mode / f"ckplus-{row.name}"
+                paper_config = row.overrides == {"optimizer.schedule": "table1"}
+                if paper_config:
+                    setting = "Table 1 learning-rate schedule, SE ✓, BN ✓: the paper's configuration"
+                elif study is table2_lr.STUDY:
+                    setting = f"learning rate {row.cells[0]}"
+                else:
+                    setting = f"SE {row.cells[0]}, BN {row.cells[1]}"
+                cells = _ckplus_summary_cells(own, relative_to) or ["not run yet", "", "", "", ""]
+                shown = shown or cells[0] != "not run yet"
+                lines.append(["2, 3" if paper_config else number, setting, *cells[:-1],
+                              f"{row.paper['ckplus']:.4f}", cells[-1]])
+        if not shown:
+            continue
+        if full_cells is not None:
+            lines.append(["2, 3", f"the paper's configuration at the full {common.PAPER_EPOCHS} "
+                          "epochs (Table 1 schedule, SE ✓, BN ✓)", *full_cells[:-1],
+                          f"{CKPLUS_PAPER:.4f}", full_cells[-1]])
+        epochs = common.reduced_epochs(mode)
+        blocks.append(
+            f"Tables 2 and 3, CK+ rows, at a reduced budget: {epochs} epochs of the paper's "
+            f"{common.PAPER_EPOCHS}, Table 1's boundaries scaled to it (`python -m "
+            f"experiments.paper.table2_lr --dataset ckplus --epochs {epochs} --manual_dir DIR`, and "
+            "the same for `table3_ablation`). Subject-independent 10-fold cross-validation, each "
+            "fold's final epoch on its test fold; everything else as the paper's CK+ settings above. "
+            "The paper's figures are at 200 epochs under an unstated protocol, so compare rows "
+            "with each other"
+            + (", and with the last row, the paper's configuration at the full budget." if full_cells
+               else ".") + "\n\n"
+            + common.markdown_table(["Table", "Setting", "Accuracy (mean ± std)", "Macro F1 (mean)",
+                                     "Pooled acc.", "Epochs", "Paper CK+", "Results"], lines))
+    return "\n\n".join(blocks) if blocks else None
+
+
 def index(relative_to: Path, tables: Path, results_root: Path = common.RESULTS) -> str:
-    """The CK+ headline (`ckplus_results`), then one line per study with results (full before quick),
-    linked to its table and to `tables`."""
+    """The CK+ headline (`ckplus_results`) and Tables 2-3's CK+ rows (`ckplus_tables_2_3`), then one
+    line per study with results (full before quick), linked to its table and to `tables`."""
 
     def row(title: str, mode: str, folder: Path | None) -> str:
         table = folder / "table.md" if folder else tables
@@ -113,8 +181,9 @@ def index(relative_to: Path, tables: Path, results_root: Path = common.RESULTS) 
                          "", f"Every table on one page: {common.link(tables.name, tables, relative_to)}. "
                          "Quick rows are tiny-budget runs that check each study end to end, not "
                          "evidence for or against the paper."]) + "\n"
-    ckplus = ckplus_results(relative_to, results_root)
-    return f"{ckplus}\n{studies}" if ckplus else studies
+    ckplus = [text for text in (ckplus_results(relative_to, results_root),
+                                ckplus_tables_2_3(relative_to, results_root)) if text]
+    return "".join(f"{text.rstrip()}\n\n" for text in ckplus) + studies
 
 
 def has_section(text: str) -> bool:
