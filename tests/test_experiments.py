@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,32 @@ def test_study_table_rows_link_to_their_results(tmp_path):
     assert all((base / t).is_file() for t in targets)
     assert "synthetic_faces-se0_bn0/results.json" in targets
     assert "ckplus-se1_bn1/fold_2/results.json" in targets
+
+
+def test_levers_are_measured_against_the_baseline_row(tmp_path):
+    from experiments.paper import recipe_levers
+
+    study = recipe_levers.STUDY
+    base = tmp_path / study.name / "quick"
+    for k, (acc, f1, wall) in enumerate(((0.80, 0.60, 100.0), (0.82, 0.64, 120.0))):
+        write(base / "synthetic_faces-baseline" / f"seed_{k}",
+              {**fake_results(acc, macro_f1=f1, split="validation"), "wall_time_seconds": wall})
+    for k, (acc, f1) in enumerate(((0.83, 0.70), (0.84, 0.66))):
+        write(base / "synthetic_faces-flip" / f"seed_{k}",
+              {**fake_results(acc, macro_f1=f1, split="validation"), "wall_time_seconds": 121.0})
+    text = common.study_table(study, "quick", results_root=tmp_path)
+    header = next(line for line in text.splitlines() if line.startswith("| Lever"))
+    assert header.startswith("| Lever | Setting | Accuracy | Macro F1 | Gain: acc. (points) | "
+                             "Gain: macro F1 (points) | Wall vs baseline | Best val. acc. |")
+    flip = next(line for line in text.splitlines() if line.startswith("| horizontal flip"))
+    # (0.835 - 0.81) and (0.68 - 0.62) points; 121 s against the baseline's mean 110 s
+    assert "| 0.8350 ± 0.0071 (n=2) | 0.6800 ± 0.0283 (n=2) | +2.50 | +6.00 | 1.10x |" in flip
+    assert "| none (the paper's recipe) | - | 0.8100 ± 0.0141 (n=2) | 0.6200 ± 0.0283 (n=2) | - | - | - |" \
+        in text
+    assert "| label smoothing | 0.1 | not run |  |  |  |  |" in text
+    # Without a baseline row's results there is nothing to measure against: no gain columns.
+    shutil.rmtree(base / "synthetic_faces-baseline")
+    assert "Gain" not in common.study_table(study, "quick", results_root=tmp_path)
 
 
 def test_cross_validated_rows_get_per_class_accuracy_pooled_over_folds(tmp_path):

@@ -137,6 +137,9 @@ class Study:
     budget: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     # Seeds every non-CK+ row is repeated over (`seed_k/`); empty: one run with the config's seed.
     seeds: tuple[int, ...] = ()
+    # A row the others are measured against: the table then gives each row's gain in accuracy and
+    # macro F1 over it (difference of the means, in points) and its wall time as a multiple of it.
+    baseline: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,6 +288,18 @@ def _opt(values: Sequence[float]) -> str:
     return format_mean_std(values) if values else "-"
 
 
+def gain_cells(row: Summary, base: Summary) -> list[str]:
+    """A row against the baseline: accuracy and macro F1 gains (difference of the means over
+    seeds, in percentage points, signed) and the mean wall time as a multiple of the baseline's."""
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    wall = (f"{mean(row.wall_seconds) / mean(base.wall_seconds):.2f}x"
+            if row.wall_seconds and base.wall_seconds else "-")
+    return [f"{100 * (mean(row.accuracy) - mean(base.accuracy)):+.2f}",
+            f"{100 * (mean(row.macro_f1) - mean(base.macro_f1)):+.2f}", wall]
+
+
 def study_table(study: Study, mode: str, relative_to: Path | None = None,
                 results_root: Path = RESULTS, heading_level: int = 2) -> str | None:
     """Markdown for every dataset of `study` with results in `mode`; None when there are none.
@@ -299,25 +314,35 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
         found = {row.name: row_results(row_dirs[row.name]) for row in study.rows}
         if not any(row_results(base / f"{dataset}-{row.name}") for row in study.rows):
             continue  # rows shown from another study alone do not make a table
-        headers = [*study.row_headers, "Accuracy", "Macro F1", "Best val. acc.", "Evaluated on",
-                   "Epochs", "Wall s / run", *(h for _, h in study.paper_columns), "Results"]
+        reference = None
+        if study.baseline is not None and found[study.baseline]:
+            paths = found[study.baseline]
+            reference = summarize([load_json(p) for p in paths], paths)
+        gains = (["Gain: acc. (points)", "Gain: macro F1 (points)", "Wall vs baseline"]
+                 if reference else [])
+        headers = [*study.row_headers, "Accuracy", "Macro F1", *gains, "Best val. acc.",
+                   "Evaluated on", "Epochs", "Wall s / run", *(h for _, h in study.paper_columns),
+                   "Results"]
         lines, setup = [], None
         for row in study.rows:
             paths = found[row.name]
             paper = [f"{row.paper[k]:.4f}" if k in row.paper else "-" for k, _ in study.paper_columns]
             if not paths:
-                lines.append([*row.cells, "not run", "", "", "", "", "", *paper, ""])
+                lines.append([*row.cells, "not run", "", *([""] * len(gains)), "", "", "", "",
+                              *paper, ""])
                 continue
             results = [load_json(p) for p in paths]
             setup = setup or setup_line(results[0])
             s = summarize(results, paths)
+            gain = [] if reference is None else (["-", "-", "-"] if row.name == study.baseline
+                                                 else gain_cells(s, reference))
             if len(paths) == 1:
                 links = link("results.json", paths[0], relative_to)
             else:
                 links = " ".join(link(p.parent.name.split("_")[-1], p, relative_to) for p in paths)
             if row_dirs[row.name] != base / f"{dataset}-{row.name}":
                 links = f"{row.same_as[2]} (same configuration, run once): {links}"
-            lines.append([*row.cells, format_mean_std(s.accuracy), format_mean_std(s.macro_f1),
+            lines.append([*row.cells, format_mean_std(s.accuracy), format_mean_std(s.macro_f1), *gain,
                           _opt(s.best_validation_accuracy), s.evaluated_split,
                           f"{s.epochs:g}", _fmt_seconds(s.wall_seconds), *paper, links])
         command = f"python -m experiments.paper.{study.name}{' --quick' if mode == 'quick' else ''}"

@@ -44,6 +44,7 @@ STUDY = common.Study(
     default_dataset={"quick": "synthetic_faces", "full": "ferplus"},
     budget={"full": {"num_epochs": 30, "evaluate_test": False}},
     seeds=(0, 1),
+    baseline="baseline",
     note="Each lever alone against the baseline, 30 epochs (reduced budget: the paper trains 200), "
          "validation split (which also selects each run's best checkpoint), mean ± sample std over "
          "seeds 0 and 1.",

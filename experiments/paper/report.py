@@ -21,6 +21,7 @@ from experiments.paper import (
     common,
     label_modes,
     loss_study,
+    recipe_levers,
     scaling,
     table2_lr,
     table3_ablation,
@@ -30,7 +31,7 @@ from experiments.paper import (
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 TRAINING_STUDIES = (table2_lr.STUDY, table3_ablation.STUDY, loss_study.STUDY, label_modes.STUDY,
-                    ckplus_protocols.STUDY)
+                    ckplus_protocols.STUDY, recipe_levers.STUDY)
 
 
 def gather(relative_to: Path, results_root: Path = common.RESULTS, heading_level: int = 3,
