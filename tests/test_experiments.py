@@ -255,11 +255,18 @@ def test_levers_are_measured_against_the_baseline_row(tmp_path):
     assert header.startswith("| Lever | Setting | Accuracy | Macro F1 | Gain: acc. (points) | "
                              "Gain: macro F1 (points) | Wall vs baseline | Best val. acc. |")
     flip = next(line for line in text.splitlines() if line.startswith("| horizontal flip"))
-    # (0.835 - 0.81) and (0.68 - 0.62) points; 121 s against the baseline's mean 110 s
-    assert "| 0.8350 ± 0.0071 (n=2) | 0.6800 ± 0.0283 (n=2) | +2.50 | +6.00 | 1.10x |" in flip
+    # Paired by seed: (0.03 + 0.02) / 2 and (0.10 + 0.02) / 2 points; 242 s against 220 s
+    assert ("| 0.8350 ± 0.0071 (n=2) | 0.6800 ± 0.0283 (n=2) | +2.50 (2 seeds) | +6.00 (2 seeds) "
+            "| 1.10x |") in flip
     assert "| none (the paper's recipe) | - | 0.8100 ± 0.0141 (n=2) | 0.6200 ± 0.0283 (n=2) | - | - | - |" \
         in text
     assert "| label smoothing | 0.1 | not run |  |  |  |  |" in text
+    # A lever with one seed so far is paired with the baseline's run of that seed only.
+    write(base / "synthetic_faces-ema" / "seed_1",
+          {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": 60.0})
+    ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
+               if line.startswith("| weight EMA"))
+    assert "| -2.00 (1 seed) | +1.00 (1 seed) | 0.50x |" in ema
     # Without a baseline row's results there is nothing to measure against: no gain columns.
     shutil.rmtree(base / "synthetic_faces-baseline")
     assert "Gain" not in common.study_table(study, "quick", results_root=tmp_path)

@@ -289,15 +289,28 @@ def _opt(values: Sequence[float]) -> str:
 
 
 def gain_cells(row: Summary, base: Summary) -> list[str]:
-    """A row against the baseline: accuracy and macro F1 gains (difference of the means over
-    seeds, in percentage points, signed) and the mean wall time as a multiple of the baseline's."""
-    def mean(values: Sequence[float]) -> float:
-        return sum(values) / len(values)
+    """A row against the baseline, paired by seed (the runs of the same repeat directory, `seed_k`):
+    the mean over the seeds both have of the accuracy and macro F1 differences, in percentage
+    points, signed, with how many seeds were paired; and the wall time over those runs as a
+    multiple of the baseline's. "-" where no seed is shared."""
+    def by_seed(summary: Summary) -> dict[str, tuple[float, float, float | None]]:
+        walls = summary.wall_seconds if len(summary.wall_seconds) == len(summary.paths) else ()
+        return {p.parent.name: (a, f, walls[i] if walls else None) for i, (p, a, f) in
+                enumerate(zip(summary.paths, summary.accuracy, summary.macro_f1, strict=True))}
 
-    wall = (f"{mean(row.wall_seconds) / mean(base.wall_seconds):.2f}x"
-            if row.wall_seconds and base.wall_seconds else "-")
-    return [f"{100 * (mean(row.accuracy) - mean(base.accuracy)):+.2f}",
-            f"{100 * (mean(row.macro_f1) - mean(base.macro_f1)):+.2f}", wall]
+    ours, theirs = by_seed(row), by_seed(base)
+    shared = sorted(set(ours) & set(theirs))
+    if not shared:
+        return ["-", "-", "-"]
+
+    def gain(i: int) -> str:
+        diff = sum(ours[k][i] - theirs[k][i] for k in shared) / len(shared)
+        return f"{100 * diff:+.2f} ({len(shared)} seed{'s' if len(shared) > 1 else ''})"
+
+    walls = [(ours[k][2], theirs[k][2]) for k in shared]
+    wall = ("-" if any(w is None for pair in walls for w in pair)
+            else f"{sum(w for w, _ in walls) / sum(w for _, w in walls):.2f}x")
+    return [gain(0), gain(1), wall]
 
 
 def study_table(study: Study, mode: str, relative_to: Path | None = None,
