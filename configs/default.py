@@ -51,8 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Beyond the paper: weight each example's loss by (N / (K n_class)) ** p; 0 off, 1 inverse frequency.
     c.class_weighting = 0.0
     # Beyond the paper: > 0 keeps an exponential moving average of the weights and BatchNorm statistics
-    # (ema <- d * ema + (1 - d) * new after each step), which evaluation, checkpoint selection and
-    # inference use; 0 off. E.g. 0.999.
+    # (ema <- d_t * ema + (1 - d_t) * new after step t, d_t = min(d, (1 + t) / (10 + t))), which
+    # evaluation, checkpoint selection and inference use; 0 off. E.g. 0.999.
     c.ema_decay = 0.0
 
     c.optimizer = ml_collections.ConfigDict()

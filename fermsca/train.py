@@ -30,9 +30,12 @@ stops the run ("on"); all processes take the same path.
 
 Weight averaging (beyond the paper). With `config.ema_decay` d > 0 the state is an `EMATrainState`
 whose `ema` holds an exponential moving average of the parameters and of the BatchNorm statistics,
-ema <- d * ema + (1 - d) * new after every step (`optax.incremental_update`), started at the initial
-weights, without bias correction. Evaluation, the best checkpoint's selection and inference use it
-(`model_variables`, `checkpoint.load_checkpoint`).
+ema <- d_t * ema + (1 - d_t) * new after step t (counting from 0; `optax.incremental_update`), started
+at the initial weights, with the decay warmed up as TensorFlow's `ExponentialMovingAverage` does with
+`num_updates`: d_t = min(d, (1 + t) / (10 + t)) (`ema_decay_at`), so early steps do not leave the
+average stuck near the random initial weights (with d = 0.999 and no warm-up, 0.999^250 = 78% of it is
+still the initialisation after 250 steps). Evaluation, the best checkpoint's selection and inference
+use it (`model_variables`, `checkpoint.load_checkpoint`).
 """
 
 
@@ -132,6 +135,13 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def ema_decay_at(step: jax.Array | int, decay: float) -> jax.Array:
+    """The average's decay at update `step` (0 for the first): min(decay, (1 + step) / (10 + step)),
+    TensorFlow's `ExponentialMovingAverage` warm-up with `num_updates` = step."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, loss_fn: Callable,
                augment_config: Any, label_smoothing: float = 0.0,
@@ -146,7 +156,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     `augment_config.mixup_alpha` > 0 mixes examples (`augment.mixup`), and `class_weights` [K]
     weight each example's loss by its target distribution's class weight (`losses.class_weights`).
     The metrics keep the targets' classes. With `ema_decay` d > 0 (an `EMATrainState`) the average
-    moves to d * ema + (1 - d) * (new params and BatchNorm statistics).
+    moves to d_t * ema + (1 - d_t) * (new params and BatchNorm statistics), d_t = `ema_decay_at`.
     """
     step_rng = jax.random.fold_in(rng, state.step)
     aug_rng, dropout_rng = jax.random.split(step_rng)
@@ -174,7 +184,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                               opt_state=opt_state)
     if ema_decay:
         new_state = new_state.replace(ema=optax.incremental_update(
-            {"params": params, "batch_stats": batch_stats}, state.ema, 1.0 - ema_decay))
+            {"params": params, "batch_stats": batch_stats}, state.ema,
+            1.0 - ema_decay_at(state.step, ema_decay)))
     new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     labels = jnp.argmax(targets, axis=-1).astype(jnp.int32)
     step_metrics = TrainMetrics.single_from_model_output(

@@ -478,16 +478,27 @@ def test_steps_per_dispatch_trains_exactly_as_one_step_at_a_time(dispatch_runs):
         np.testing.assert_allclose(computed[name], float(by_hand[name]), rtol=1e-6)
 
 
+def test_ema_decay_warms_up_as_tensorflows_moving_average():
+    from fermsca import train
+
+    # tf.train.ExponentialMovingAverage(decay, num_updates=t): min(decay, (1 + t) / (10 + t))
+    for t, expected in ((0, 0.1), (8, 0.5), (90, 0.91), (989, 990 / 999), (10_000, 0.999)):
+        np.testing.assert_allclose(float(train.ema_decay_at(t, 0.999)), expected, rtol=1e-6)
+    assert float(train.ema_decay_at(np.int32(5), 0.2)) == pytest.approx(0.2)  # the cap
+
+
 def test_ema_is_the_exponential_average_of_each_steps_weights(dispatch_runs):
-    """ema_0 = initial weights, ema_t = d ema_(t-1) + (1 - d) w_t, over params and BatchNorm statistics."""
+    """ema_0 = initial weights, then after step t (from 0) ema = d_t ema + (1 - d_t) w, with
+    d_t = min(d, (1 + t) / (10 + t)) (TensorFlow's warm-up), over params and BatchNorm statistics."""
     _, initial, states, _, chunk_state, _ = dispatch_runs
 
     def weights(s):
         return {"params": s.params, "batch_stats": s.batch_stats}
 
     expected = jax.tree.map(lambda x: np.asarray(x, np.float64), weights(initial))
-    for s in states:
-        expected = jax.tree.map(lambda e, w: EMA_DECAY * e + (1 - EMA_DECAY) * np.asarray(w, np.float64),
+    for t, s in enumerate(states):
+        d = min(EMA_DECAY, (1 + t) / (10 + t))  # 0.1, 2/11, 0.25, 4/13: the warm-up, under d = 0.9
+        expected = jax.tree.map(lambda e, w, d=d: d * e + (1 - d) * np.asarray(w, np.float64),
                                 expected, weights(s))
     assert jax.tree.structure(expected) == jax.tree.structure(chunk_state.ema)
     for e, got_one, got_chunk in zip(jax.tree.leaves(expected), jax.tree.leaves(states[-1].ema),
