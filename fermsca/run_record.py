@@ -8,11 +8,13 @@ training curves, Figs. 7-8 confusion matrices, via `report`) and words the stall
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -182,18 +184,36 @@ def best_validation_accuracy(history: list[dict]) -> float | None:
                default=None)
 
 
+def pace(step: int, num_steps: int, steps_per_epoch: int, leg_start_step: int,
+         leg_seconds: float) -> dict:
+    """How fast this process (a run's current leg, since its start or resume at `leg_start_step`)
+    has gone: wall seconds per epoch, compilation and evaluation included, and the seconds left at
+    that pace to `num_steps`; both None before it has finished a step."""
+    steps = step - leg_start_step
+    if steps <= 0:
+        return {"seconds_per_epoch": None, "estimated_seconds_left": None}
+    per_step = leg_seconds / steps
+    return {"seconds_per_epoch": per_step * steps_per_epoch,
+            "estimated_seconds_left": per_step * max(num_steps - step, 0)}
+
+
 def write_progress(workdir: str, config: ml_collections.ConfigDict, status: str, step: int,
-                   num_steps: int, steps_per_epoch: int, history: list[dict], env: dict) -> str:
+                   num_steps: int, steps_per_epoch: int, history: list[dict], env: dict,
+                   leg: tuple[int, float] | None = None) -> str:
     """Writes <workdir>/progress.json: a run's state so far (status "running", "preempted" or
-    "completed", the furthest step and epoch, every finished epoch's metrics), rewritten after each
-    epoch, so a long run that stops (a session's end, a preemption) leaves a record of how far it got
-    beside its checkpoints. `env`: the run's `environment()`, taken once. Written to a temporary file
-    and renamed: never half-written."""
+    "completed", the furthest step and epoch, every finished epoch's metrics, when it was written
+    and, given `leg` = (the step this process started from, its `time.time()` then), its `pace`),
+    rewritten after each epoch, so a long run that stops (a session's end, a preemption) leaves a
+    record of how far it got beside its checkpoints, and one that runs can be watched. `env`: the
+    run's `environment()`, taken once. Written to a temporary file and renamed: never half-written."""
+    now = time.time()
     record = {
         "status": status,
         "step": step,
         "epoch": step / steps_per_epoch,
         "num_epochs": num_steps / steps_per_epoch,
+        "updated": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="seconds"),
+        **(pace(step, num_steps, steps_per_epoch, leg[0], now - leg[1]) if leg else {}),
         "best_validation_accuracy": best_validation_accuracy(history),
         "history": history,
         "config": json.loads(config.to_json()),

@@ -467,6 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             history = list(meta.get("history", []))
             logging.info("resumed from step %d (epoch %s)", int(state.step), meta.get("epoch"))
         start_step = int(state.step)
+        leg = (start_step, time.time())  # this process's start, for progress.json's pace
         meta_base = {"config": config.to_json(), "class_names": list(data.class_names),
                      "dataset": data.name}
         env = run_record.environment() if is_chief else {}  # for progress.json, taken once
@@ -555,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         save(step, epoch, None if val is None else val["accuracy"])
                     if is_chief:
                         run_record.write_progress(workdir, config, "running", step, num_steps,
-                                                  steps_per_epoch, history, env)
+                                                  steps_per_epoch, history, env, leg)
                     timer.resume()
                 elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
                     save(step, step / steps_per_epoch, None)
@@ -568,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.flush()
         if is_chief:
             run_record.write_progress(workdir, config, status, int(state.step), num_steps,
-                                      steps_per_epoch, history, env)
+                                      steps_per_epoch, history, env, leg)
         if status == "preempted":
             ckpts.close()
             logging.warning("preempted at step %d; rerun with the same --workdir to resume",

@@ -3,11 +3,14 @@
 The training-loop side (a real run writing results.json and its figures) is in test_train.py.
 """
 
+import datetime
 import json
 import re
+import time
 import types
 
 import numpy as np
+import pytest
 
 from configs import default
 from fermsca import config_schema, run_record
@@ -169,3 +172,21 @@ def test_write_progress_replaces_the_record_whole(tmp_path):
     assert (second["status"], second["epoch"], second["best_validation_accuracy"]) == ("preempted", 2.5, 0.65)
     assert second["config"] == json.loads(config.to_json()) and "git_commit" in second
     assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.json"]  # no temporary left
+    assert "seconds_per_epoch" not in second  # no leg given: no pace
+    written = datetime.datetime.fromisoformat(second["updated"])
+    assert written.tzinfo is not None and abs(time.time() - written.timestamp()) < 60
+    # A resumed leg: from step 10, 15 steps in 30 s -> 20 s an epoch of 10 steps, 15 steps left
+    run_record.write_progress(str(tmp_path), config, "running", 25, 40, 10, rows, env,
+                              leg=(10, time.time() - 30.0))
+    with open(path) as f:
+        third = json.load(f)
+    assert third["seconds_per_epoch"] == pytest.approx(20.0, rel=0.05)
+    assert third["estimated_seconds_left"] == pytest.approx(30.0, rel=0.05)
+
+
+def test_pace_is_this_legs_wall_time_per_step():
+    assert run_record.pace(25, 40, 10, 10, 30.0) == {"seconds_per_epoch": 20.0,
+                                                     "estimated_seconds_left": 30.0}
+    assert run_record.pace(40, 40, 10, 0, 80.0)["estimated_seconds_left"] == 0.0
+    assert run_record.pace(10, 40, 10, 10, 5.0) == {"seconds_per_epoch": None,
+                                                    "estimated_seconds_left": None}

@@ -153,6 +153,7 @@ def test_cli_run_writes_results_checkpoints_and_events(reference_run):
     assert progress["history"] == results["history"]
     assert progress["best_validation_accuracy"] == results["best_validation_accuracy"]
     assert progress["config"] == results["config"] and progress["seed"] == results["seed"]
+    assert progress["seconds_per_epoch"] > 0 and progress["estimated_seconds_left"] == 0
     # The run's compiled steps went to the persistent cache (tests/conftest.py points it here).
     cache = os.listdir(os.environ["FERMSCA_COMPILATION_CACHE"])
     assert any(name.startswith("jit_train_step-") for name in cache), cache
