@@ -138,7 +138,7 @@ class Study:
     # Seeds every non-CK+ row is repeated over (`seed_k/`); empty: one run with the config's seed.
     seeds: tuple[int, ...] = ()
     # A row the others are measured against: the table then gives each row's gain in accuracy and
-    # macro F1 over it (difference of the means, in points) and its wall time as a multiple of it.
+    # macro F1 over it, paired by seed (`gain_cells`), and its wall time as a multiple of it.
     baseline: str | None = None
 
 
