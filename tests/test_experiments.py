@@ -272,6 +272,27 @@ def test_levers_are_measured_against_the_baseline_row(tmp_path):
     assert "Gain" not in common.study_table(study, "quick", results_root=tmp_path)
 
 
+def test_a_second_seed_goes_only_to_levers_whose_gain_is_too_small_to_trust(tmp_path):
+    from experiments.paper import recipe_levers
+
+    study = recipe_levers.STUDY
+    names = [r.name for r in study.rows]
+    with pytest.raises(common.RunError, match="'baseline' row has no results yet"):
+        common.rows_within(study, "full", "ferplus", 1.0, names, results_root=tmp_path)
+    base = tmp_path / study.name / "full"
+    for name, acc in (("baseline", 0.840), ("flip", 0.852), ("ema", 0.845), ("mixup", 0.830),
+                      ("adamw", 0.8305)):
+        write(base / f"ferplus-{name}" / "seed_0", fake_results(acc, "ferplus", split="validation"))
+    # flip +1.2 and adamw -0.95 points: ema +0.5 and adamw are within a point; mixup -1.0 is on the edge
+    kept = common.rows_within(study, "full", "ferplus", 1.0, names, results_root=tmp_path)
+    assert kept == ["baseline", "labels_crossentropy", "labels_probability", "label_smoothing",
+                    "mixup", "ema", "warmup_cosine", "adamw", "class_weighting", "wider",
+                    "conv_bfloat16"]  # rows not run yet are kept: nothing is known of them
+    assert "flip" not in kept
+    assert common.rows_within(study, "full", "ferplus", 0.6, ["flip", "ema", "adamw"],
+                              results_root=tmp_path) == ["ema"]
+
+
 def test_cross_validated_rows_get_per_class_accuracy_pooled_over_folds(tmp_path):
     from fermsca import crossval
     from fermsca import report as metrics

@@ -288,29 +288,71 @@ def _opt(values: Sequence[float]) -> str:
     return format_mean_std(values) if values else "-"
 
 
-def gain_cells(row: Summary, base: Summary) -> list[str]:
-    """A row against the baseline, paired by seed (the runs of the same repeat directory, `seed_k`):
-    the mean over the seeds both have of the accuracy and macro F1 differences, in percentage
-    points, signed, with how many seeds were paired; and the wall time over those runs as a
-    multiple of the baseline's. "-" where no seed is shared."""
+@dataclasses.dataclass(frozen=True)
+class Gain:
+    """A row against the baseline over the seeds both have (`seeds`): mean accuracy and macro F1
+    differences (fractions) and the row's total wall time over the baseline's (None if unknown)."""
+
+    seeds: tuple[str, ...]
+    accuracy: float
+    macro_f1: float
+    wall_ratio: float | None
+
+
+def paired_gain(row: Summary, base: Summary) -> Gain | None:
+    """`row` against `base`, paired by seed (the runs of the same repeat directory, `seed_k`); None
+    where they share no seed."""
     def by_seed(summary: Summary) -> dict[str, tuple[float, float, float | None]]:
         walls = summary.wall_seconds if len(summary.wall_seconds) == len(summary.paths) else ()
         return {p.parent.name: (a, f, walls[i] if walls else None) for i, (p, a, f) in
                 enumerate(zip(summary.paths, summary.accuracy, summary.macro_f1, strict=True))}
 
     ours, theirs = by_seed(row), by_seed(base)
-    shared = sorted(set(ours) & set(theirs))
+    shared = tuple(sorted(set(ours) & set(theirs)))
     if not shared:
-        return ["-", "-", "-"]
-
-    def gain(i: int) -> str:
-        diff = sum(ours[k][i] - theirs[k][i] for k in shared) / len(shared)
-        return f"{100 * diff:+.2f} ({len(shared)} seed{'s' if len(shared) > 1 else ''})"
-
+        return None
     walls = [(ours[k][2], theirs[k][2]) for k in shared]
-    wall = ("-" if any(w is None for pair in walls for w in pair)
-            else f"{sum(w for w, _ in walls) / sum(w for _, w in walls):.2f}x")
-    return [gain(0), gain(1), wall]
+    known = all(w is not None for pair in walls for w in pair)
+    return Gain(shared, sum(ours[k][0] - theirs[k][0] for k in shared) / len(shared),
+                sum(ours[k][1] - theirs[k][1] for k in shared) / len(shared),
+                sum(w for w, _ in walls) / sum(w for _, w in walls) if known else None)
+
+
+def gain_cells(row: Summary, base: Summary) -> list[str]:
+    """The table's gain cells of a row (`paired_gain`): accuracy and macro F1 gains in percentage
+    points, signed, with how many seeds were paired, and the wall time as a multiple of the
+    baseline's; "-" where no seed is shared."""
+    gain = paired_gain(row, base)
+    if gain is None:
+        return ["-", "-", "-"]
+    n = len(gain.seeds)
+    seeds = f"({n} seed{'s' if n > 1 else ''})"
+    return [f"{100 * gain.accuracy:+.2f} {seeds}", f"{100 * gain.macro_f1:+.2f} {seeds}",
+            "-" if gain.wall_ratio is None else f"{gain.wall_ratio:.2f}x"]
+
+
+def rows_within(study: Study, mode: str, dataset: str, points: float, names: Sequence[str],
+                results_root: Path = RESULTS) -> list[str]:
+    """Of `names`, the study's baseline row and the rows whose accuracy gain over it, paired over
+    the seeds both have filed (`gain_cells`), is within +-`points`; a row with no shared seed yet
+    is kept (nothing is known of it). For a second seed only where one seed's gain is too small to
+    trust."""
+    def summary(row_name: str) -> Summary | None:
+        paths = row_results(results_root / study.name / mode / f"{dataset}-{row_name}")
+        return summarize([load_json(p) for p in paths], paths) if paths else None
+
+    reference = summary(study.baseline)
+    if reference is None:
+        raise RunError(f"{study.name} ({mode}, {dataset}): the {study.baseline!r} row has no results "
+                       "yet, so no gain is known")
+    kept = []
+    for name in names:
+        ours = summary(name) if name != study.baseline else None
+        gain = paired_gain(ours, reference) if ours is not None else None
+        # compared in rounded points, as the table shows them
+        if gain is None or abs(round(100 * gain.accuracy, 6)) <= points:
+            kept.append(name)
+    return kept
 
 
 def study_table(study: Study, mode: str, relative_to: Path | None = None,
@@ -629,6 +671,11 @@ def arg_parser(study: Study) -> argparse.ArgumentParser:
                                    + (",".join(map(str, study.seeds)) or "the config's seed, once") + ")")
     p.add_argument("--rows", help="comma-separated row names to run (default: all): "
                                   + ", ".join(r.name for r in study.rows))
+    if study.baseline is not None:
+        p.add_argument("--within", type=float, metavar="POINTS",
+                       help=f"train only the rows whose accuracy gain over the {study.baseline!r} row, "
+                            "paired over the seeds already filed, is within +-POINTS (and that row): "
+                            "e.g. a second seed only where one seed's gain is too small to trust")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra config override for every row, e.g. --set batch_size=8")
     p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "fermsca_experiments"),
@@ -666,6 +713,12 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         parser.error(f"unknown rows {unknown}; {study.name} has {names}")
+    if getattr(args, "within", None) is not None:
+        try:
+            wanted = rows_within(study, mode, dataset, args.within, wanted)
+        except RunError as e:
+            parser.error(str(e))
+        print(f"rows within ±{args.within:g} points of {study.baseline!r}: {', '.join(wanted)}", flush=True)
     budget = {**(QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset],
               **study.budget.get("quick" if args.quick else "full", {})}
     if args.epochs:  # a reduced budget: the full one at fewer epochs

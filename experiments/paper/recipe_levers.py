@@ -2,6 +2,9 @@
 
     python -m experiments.paper.recipe_levers --manual_dir /data/ferplus               # 30 epochs, 2 seeds
     python -m experiments.paper.recipe_levers --manual_dir /data/ferplus --rows baseline,flip --seeds 0
+    python -m experiments.paper.recipe_levers --manual_dir /data/ferplus --seeds 0             # one seed,
+    python -m experiments.paper.recipe_levers --manual_dir /data/ferplus --seeds 1 --within 1  # then a second
+        # only where the first seed's gain is under a point (and for the baseline, to pair with)
     python -m experiments.paper.recipe_levers --quick                                 # CPU minutes, a check
 
 Every row is configs/ferplus.py (batch 128, Adam, Table 1 scaled to the budget, cosine loss, the
@@ -47,7 +50,9 @@ STUDY = common.Study(
     baseline="baseline",
     note="Each lever alone against the baseline, 30 epochs (reduced budget: the paper trains 200), "
          "validation split (which also selects each run's best checkpoint), mean ± sample std over "
-         "seeds 0 and 1; each gain is over the baseline run of the same seed, averaged over the "
+         "seeds 0 and 1 (a lever's second seed may be run only where its first seed's gain is within a "
+         "point, `--seeds 1 --within 1`: the count in its gain cells says); each gain is over the "
+         "baseline run of the same seed, averaged over the "
          "seeds both have, and the wall time is the runs' total against the baseline's. In the "
          "quick mode the `wider` row trains the full 96/192/384 widths against the quick "
          "budget's narrow 16/32/64 baseline, so its quick gain is not the lever's; and on the "
