@@ -334,7 +334,7 @@ def gain_cells(row: Summary, base: Summary) -> list[str]:
 def rows_within(study: Study, mode: str, dataset: str, points: float, names: Sequence[str],
                 results_root: Path = RESULTS) -> list[str]:
     """Of `names`, the study's baseline row and the rows whose accuracy gain over it, paired over
-    the seeds both have filed (`gain_cells`), is within +-`points`; a row with no shared seed yet
+    the seeds both have filed (`paired_gain`), is within +-`points`; a row with no shared seed yet
     is kept (nothing is known of it). For a second seed only where one seed's gain is too small to
     trust."""
     def summary(row_name: str) -> Summary | None:

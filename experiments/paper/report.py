@@ -54,6 +54,13 @@ def gather(relative_to: Path, results_root: Path = common.RESULTS, heading_level
 CKPLUS_PAPER = 0.9932  # Wang & Zhang 2023, Table 4 (protocol not stated)
 
 
+def _summary_links(row_dir: Path, relative_to: Path) -> str:
+    """Links to a cross-validated row's summary.json and, where drawn, its Fig. 8."""
+    figure = row_dir / "confusion_matrix.png"
+    return " ".join([common.link("summary.json", row_dir / "summary.json", relative_to),
+                     *([common.link("Fig. 8", figure, relative_to)] if figure.is_file() else [])])
+
+
 def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> str | None:
     """The CK+ headline: the paper's setup under both protocols (`ckplus_protocols`, full budget),
     side by side, from their summary.json files; None before either has finished."""
@@ -69,7 +76,6 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
         folds = [common.load_json(p) for p in common.row_results(row_dir)]
         epochs = {r["epochs"] for r in folds}
         num_folds = {r["config"]["dataset"]["num_folds"] for r in folds}
-        figure = row_dir / "confusion_matrix.png"
         rows.append([
             row.cells[0],
             f"**{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f}** over {len(folds)} of "
@@ -77,8 +83,7 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
             f"{s['pooled']['accuracy']:.4f} ({s['pooled']['num_examples']} images)",
             f"{s['macro_f1_mean']:.4f}",
             "/".join(f"{e:g}" for e in sorted(epochs)),
-            " ".join([common.link("summary.json", summary_path, relative_to),
-                      *([common.link("Fig. 8", figure, relative_to)] if figure.is_file() else [])]),
+            _summary_links(row_dir, relative_to),
         ])
     if not shown:
         return None
@@ -102,12 +107,10 @@ def _ckplus_summary_cells(row_dir: Path, relative_to: Path) -> list[str] | None:
         return None
     s = common.load_json(summary_path)
     folds = [common.load_json(p) for p in common.row_results(row_dir)]
-    figure = row_dir / "confusion_matrix.png"
     return [f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f} ({len(folds)} folds)",
             f"{s['macro_f1_mean']:.3f}", f"{s['pooled']['accuracy']:.4f}",
             "/".join(f"{e:g}" for e in sorted({float(r['epochs']) for r in folds})),
-            " ".join([common.link("summary.json", summary_path, relative_to),
-                      *([common.link("Fig. 8", figure, relative_to)] if figure.is_file() else [])])]
+            _summary_links(row_dir, relative_to)]
 
 
 def ckplus_tables_2_3(relative_to: Path, results_root: Path = common.RESULTS) -> str | None:

@@ -636,7 +636,6 @@ def impl_info(kind: str, x_shape, w_shape, strides=(1, 1), padding="SAME", dtype
     return text
 
 
-
 @functools.cache
 def bfloat16_reason() -> str | None:
     """None when oneDNN has a JIT bfloat16 convolution on this CPU for all three kinds (AVX-512 and
