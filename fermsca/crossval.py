@@ -195,8 +195,7 @@ def fold_model(model_config: Any, num_classes: int, per_fold_convs: bool | None 
         conv, how = fold_conv(perf.conv_function(impl, dtype)), f"{impl}, per fold"
     else:  # oneDNN's custom_partitioning call has no batching (vmap) rule
         conv, how = lax.conv_general_dilated, "xla, grouped over folds"
-    blocks = perf.building_blocks(model_config, conv, vmapped=True)
-    return models.from_config(model_config, num_classes, **blocks), how
+    return models.from_config(model_config, num_classes, **perf.building_blocks(model_config, conv)), how
 
 
 # ------------------------------------------------------------------------------------------------

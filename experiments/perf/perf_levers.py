@@ -17,9 +17,7 @@ version to what `fermsca.perf.building_blocks` gives by default:
   the forward pass and routes the gradient by it; the pools before it take their gradient from JAX's
   rule for `max`: compare, count ties, divide);
 - `fused_stem`: + `fermsca.perf.stem.FusedStem` (the stem's conv + BatchNorm + ReLU + pool in one pass,
-  statistics from the patches' Gram matrix);
-- `onednn_pools`: + the Inception pool branch's 3x3 max-pooling through oneDNN's pooling primitives
-  (`fermsca.perf.onednn_pool`, via `perf.OneDNNPools`). This is the default on x86-64 Linux.
+  statistics from the patches' Gram matrix). This is the default on x86-64 Linux.
 
 Ablations: `nn_batchnorm` (`argmax_pools` with `nn.BatchNorm`), `xla_default` (the default where
 oneDNN cannot run: everything but oneDNN), `xla_plain_stem` (`xla_default` with `models.Stem`),
@@ -40,7 +38,7 @@ from fermsca import bench
 from fermsca.perf import hugepages
 
 CUMULATIVE = ("baseline", "fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "onednn_conv",
-              "argmax_pools", "fused_stem", "onednn_pools")
+              "argmax_pools", "fused_stem")
 _XLA_DEFAULT = ("fermsca_pools", "fermsca_batchnorm", "hugepage_malloc", "argmax_pools", "fused_stem")
 ABLATIONS = {  # variant: (levers on, config changes)
     "nn_batchnorm": (("fermsca_pools", "hugepage_malloc", "onednn_conv", "argmax_pools"), {}),
@@ -93,9 +91,7 @@ def building_blocks(levers, model_config) -> dict:
     from fermsca import perf
     from fermsca.perf import batchnorm, pooling, stem
 
-    if "onednn_pools" in levers:
-        pool = perf.OneDNNPools(model_config.conv_impl)
-    elif "argmax_pools" in levers:
+    if "argmax_pools" in levers:
         pool = pooling.max_pool
     elif "fermsca_pools" in levers:
         pool = reshape_max_pool
@@ -131,8 +127,7 @@ NOTES = {
     "hugepage_malloc": "GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
     "onednn_conv": "convolutions through the oneDNN custom call",
     "argmax_pools": "pool gradients routed by a stored int8 argmax",
-    "fused_stem": "stem conv + BN + ReLU + pool in one pass",
-    "onednn_pools": "the 3x3 pool branch through oneDNN's pooling (the default)",
+    "fused_stem": "stem conv + BN + ReLU + pool in one pass (the default)",
     "nn_batchnorm": "argmax_pools with nn.BatchNorm",
     "xla_default": "the default where oneDNN cannot run: fused_stem on XLA convolutions",
     "xla_plain_stem": "xla_default with the plain stem",

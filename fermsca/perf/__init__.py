@@ -8,8 +8,6 @@ chooses faster drop-ins with the same parameters and mathematics:
   `config.model.conv_impl` resolves to "onednn", XLA's otherwise;
 - `norm`: `batchnorm.BatchNorm`, the normalisation as one multiply-add per element;
 - `pool`: `pooling.max_pool`, whose gradient is routed by an int8 argmax stored in the forward pass;
-  on the oneDNN path the Inception pool branch's 3x3 window runs through oneDNN's pooling primitives
-  (`onednn_pool`, `OneDNNPools`);
 - `stem`: `stem.FusedStem` (float32), the stem's conv + BatchNorm + ReLU + pool in one pass over its
   activations, with the BatchNorm statistics taken from the patches' Gram matrix.
 
@@ -165,45 +163,18 @@ class _LazyConvFunction:
         return f"conv_function({self.conv_impl!r})"
 
 
-class OneDNNPools:
-    """`pooling.max_pool` whose 3x3, stride 1, SAME pool (the Inception pool branch) on float32
-    activations runs through oneDNN (`onednn_pool`) when `conv_impl` resolves to "onednn" (resolved
-    when the model is first traced, as the convolutions are); every other pool, and every pool on
-    the XLA path, is `pooling.max_pool`'s. Same values and gradients either way."""
-
-    def __init__(self, conv_impl: str):
-        check_conv_impl(conv_impl)
-        self.conv_impl = conv_impl
-
-    def __call__(self, inputs, window_shape, strides=None, padding="VALID"):
-        if (inputs.ndim == 4 and inputs.dtype == jnp.float32 and tuple(window_shape) == (3, 3)
-                and tuple(strides or (1, 1)) == (1, 1) and padding == "SAME"
-                and resolve_conv_impl(self.conv_impl) == "onednn"):
-            from fermsca.perf import onednn_pool
-
-            return onednn_pool.max_pool_3x3_same(inputs)
-        return pooling.max_pool(inputs, window_shape, strides=strides, padding=padding)
-
-    def __repr__(self):
-        return f"OneDNNPools({self.conv_impl!r})"
-
-
-def building_blocks(model_config: Any, conv_general_dilated: Callable | None = None,
-                    vmapped: bool = False) -> dict[str, Any]:
+def building_blocks(model_config: Any, conv_general_dilated: Callable | None = None) -> dict[str, Any]:
     """FERNet's fast building blocks for `model_config` (its conv_impl and dtype), as keyword
     arguments of `models.from_config`: {"conv": nn.Conv on the chosen convolution, "norm":
-    `batchnorm.BatchNorm`, "pool": `OneDNNPools` (`pooling.max_pool` off the oneDNN path), "stem":
-    `stem.FusedStem` (float32 only; other dtypes keep `models.Stem`)}. `conv_general_dilated`
-    overrides the convolution function (e.g. the per-fold convolution of `fermsca.crossval`);
-    `vmapped` (a model run under `jax.vmap`, as `fermsca.crossval`'s folds) keeps every pool on XLA,
-    since oneDNN's pooling call has no batching rule."""
+    `batchnorm.BatchNorm`, "pool": `pooling.max_pool`, "stem": `stem.FusedStem` (float32 only;
+    other dtypes keep `models.Stem`)}. `conv_general_dilated` overrides the convolution function (e.g.
+    the per-fold convolution of `fermsca.crossval`)."""
     operand_dtype = conv_dtype(model_config)
     conv_fn = conv_general_dilated or _LazyConvFunction(model_config.conv_impl, operand_dtype)
     if model_config.dtype == "float32" and operand_dtype == "bfloat16":
         conv_fn = BFloat16Operands(conv_fn)
-    pool = pooling.max_pool if vmapped else OneDNNPools(model_config.conv_impl)
     blocks = {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_fn), "norm": batchnorm.BatchNorm,
-              "pool": pool}
+              "pool": pooling.max_pool}
     if model_config.dtype == "float32":
         blocks["stem"] = stem.FusedStem
     return blocks

@@ -67,8 +67,6 @@ TARGETS = {
     "bwd_data": "fermsca_onednn_conv_bwd_data",
     "bwd_weights": "fermsca_onednn_conv_bwd_weights",
 }
-# The max-pooling calls the same extension holds (`perf.onednn_pool`).
-POOL_TARGETS = {"fwd": "fermsca_onednn_maxpool_fwd", "bwd": "fermsca_onednn_maxpool_bwd"}
 # Element-type codes of the custom calls (csrc/onednn_conv.cc's ElementType).
 DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(jnp.bfloat16): 1}
 INSTALL_HINT = ("pip install -e . (on x86-64 Linux it installs onednn-cpu-tbb onednn-devel-cpu-tbb "
@@ -296,10 +294,7 @@ def _load() -> ctypes.CDLL:
             lib.fermsca_onednn_impl_info.argtypes = [
                 ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
             lib.fermsca_onednn_cache_size.restype = ctypes.c_int64
-            lib.fermsca_onednn_pool_impl_info.restype = ctypes.c_int
-            lib.fermsca_onednn_pool_impl_info.argtypes = [
-                ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int64]
-            for symbol in (*TARGETS.values(), *POOL_TARGETS.values()):
+            for symbol in TARGETS.values():
                 jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         except OneDNNUnavailable as e:
             _state["error"] = str(e)

@@ -13,27 +13,18 @@
 // Primitives are built once per (kind, shapes, attributes) and cached; execution is thread-safe:
 // each call brings its own scratchpad (user scratchpad mode) and the reorder buffers live in a
 // per-thread workspace.
-//
-// Max-pooling, the same way (NHWC, float32 or bfloat16, padded positions never win):
-//   fermsca_onednn_maxpool_fwd  x [N,H,W,C]              -> y [N,OH,OW,C], ws [N,OH,OW,C] uint8
-//   fermsca_onednn_maxpool_bwd  dy [N,OH,OW,C], ws        -> dx [N,H,W,C]
-// Attributes: window, strides, pad_lo, pad_hi (H then W). ws is oneDNN's workspace: which window
-// position held each output's maximum (the first in row-major window order), so the backward pass
-// routes each output gradient to it. Leading dimensions beyond the batch are folded into the batch.
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
-#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -436,183 +427,6 @@ ffi::Error ConvBwdWeights(Buf x, Buf dy, Res dw, I64s strides, I64s dilation, I6
                                dw->untyped_data()); });
 }
 
-
-// ---- max-pooling
-
-struct PoolGeom {
-  int64_t n, c, h, w;          // input (leading dimensions folded into n)
-  int64_t oh, ow;              // output spatial size
-  int64_t kh, kw, sh, sw;      // window and strides
-  int64_t plh, plw, phh, phw;  // padding low/high
-  int64_t type = kF32;
-};
-
-using PoolKey = std::array<int64_t, 15>;
-
-PoolKey MakePoolKey(const PoolGeom& g) {
-  return PoolKey{g.n, g.c, g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.plh, g.plw, g.phh, g.phw, g.type};
-}
-
-struct PoolKeyHash {
-  size_t operator()(const PoolKey& k) const {
-    uint64_t h = 1469598103934665603ull;
-    for (int64_t v : k) {
-      h ^= static_cast<uint64_t>(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-      h *= 1099511628211ull;
-    }
-    return static_cast<size_t>(h);
-  }
-};
-
-struct PoolPlan {
-  dnnl::pooling_forward fwd;
-  dnnl::pooling_backward bwd;
-  memory::desc x, y, ws;
-  size_t fwd_scratch = 0, bwd_scratch = 0;
-  std::string impl;
-};
-
-std::unique_ptr<PoolPlan> BuildPoolPlan(const PoolGeom& g) {
-  const dt type = DataType(g.type);
-  auto plan = std::make_unique<PoolPlan>();
-  plan->x = ActDesc(g.n, g.c, g.h, g.w, type, tag::nhwc);
-  plan->y = ActDesc(g.n, g.c, g.oh, g.ow, type, tag::nhwc);
-  const auto attr = UserScratchAttr();
-  dnnl::pooling_forward::primitive_desc fpd(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, plan->x, plan->y,
-      {g.sh, g.sw}, {g.kh, g.kw}, {0, 0}, {g.plh, g.plw}, {g.phh, g.phw}, attr);
-  dnnl::pooling_backward::primitive_desc bpd(
-      Engine(), dnnl::algorithm::pooling_max, plan->x, plan->y, {g.sh, g.sw}, {g.kh, g.kw}, {0, 0},
-      {g.plh, g.plw}, {g.phh, g.phw}, fpd, attr);
-  plan->ws = fpd.workspace_desc();
-  // The caller allocates the workspace as uint8 [N, OH, OW, C]: one byte per output, in its layout.
-  if (plan->ws != ActDesc(g.n, g.c, g.oh, g.ow, dt::u8, tag::nhwc)) {
-    throw std::runtime_error("unexpected workspace layout (expected one uint8 per output, NHWC)");
-  }
-  plan->fwd = dnnl::pooling_forward(fpd);
-  plan->bwd = dnnl::pooling_backward(bpd);
-  plan->fwd_scratch = AlignUp(fpd.scratchpad_desc().get_size());
-  plan->bwd_scratch = AlignUp(bpd.scratchpad_desc().get_size());
-  plan->impl = std::string(fpd.impl_info_str()) + " / " + bpd.impl_info_str();
-  return plan;
-}
-
-class PoolPlanCache {
- public:
-  const PoolPlan& Get(const PoolGeom& g) {
-    const PoolKey key = MakePoolKey(g);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = plans_.find(key);
-      if (it != plans_.end()) return *it->second;
-    }
-    std::unique_ptr<PoolPlan> plan = BuildPoolPlan(g);  // outside the lock, as PlanCache
-    std::lock_guard<std::mutex> lock(mu_);
-    auto [it, inserted] = plans_.emplace(key, std::move(plan));
-    return *it->second;
-  }
-
-  size_t Size() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return plans_.size();
-  }
-
- private:
-  std::mutex mu_;
-  std::unordered_map<PoolKey, std::unique_ptr<PoolPlan>, PoolKeyHash> plans_;
-};
-
-PoolPlanCache& PoolCache() {
-  static PoolPlanCache* cache = new PoolPlanCache();
-  return *cache;
-}
-
-void ExecutePool(const dnnl::primitive& prim, size_t scratch_bytes,
-                 std::initializer_list<std::pair<const int, dnnl::memory>> args) {
-  std::unique_lock<std::mutex> exec_lock(ExecMutex(), std::defer_lock);
-  if (SerializeExecution()) exec_lock.lock();
-  thread_local Workspace workspace;
-  thread_local dnnl::stream stream(Engine());
-  std::unordered_map<int, dnnl::memory> all(args);
-  all[DNNL_ARG_SCRATCHPAD] = dnnl::memory(
-      memory::desc({static_cast<int64_t>(scratch_bytes)}, dt::u8, tag::a), Engine(),
-      scratch_bytes ? workspace.Get(scratch_bytes) : nullptr);
-  prim.execute(stream, all);
-  stream.wait();
-}
-
-// Reads a pooling call's geometry: `x` is the input (or, for the backward pass, dx), `y` the output
-// (or dy); any leading dimensions beyond N (a vmapped call's batch axes) are folded into N.
-ffi::Error ReadPoolGeom(PoolGeom& g, const Buf& x, const Buf& y, I64s window, I64s strides, I64s pad_lo,
-                        I64s pad_hi) {
-  auto xd = x.dimensions(), yd = y.dimensions();
-  if (xd.size() < 4 || yd.size() != xd.size()) {
-    return ffi::Error::InvalidArgument("onednn_maxpool: operands must be NHWC, rank 4 or more");
-  }
-  if (window.size() != 2 || strides.size() != 2 || pad_lo.size() != 2 || pad_hi.size() != 2) {
-    return ffi::Error::InvalidArgument(
-        "onednn_maxpool: window, strides, pad_lo and pad_hi must have two entries each");
-  }
-  const size_t r = xd.size();
-  g.n = 1;
-  for (size_t i = 0; i + 3 < r; ++i) {
-    if (xd[i] != yd[i]) return ffi::Error::InvalidArgument("onednn_maxpool: batch dimensions differ");
-    g.n *= xd[i];
-  }
-  g.h = xd[r - 3], g.w = xd[r - 2], g.c = xd[r - 1];
-  g.oh = yd[r - 3], g.ow = yd[r - 2];
-  g.kh = window[0], g.kw = window[1], g.sh = strides[0], g.sw = strides[1];
-  g.plh = pad_lo[0], g.plw = pad_lo[1], g.phh = pad_hi[0], g.phw = pad_hi[1];
-  if (yd[r - 1] != g.c) return ffi::Error::InvalidArgument("onednn_maxpool: channel counts differ");
-  if (g.kh < 1 || g.kw < 1 || g.sh < 1 || g.sw < 1 || g.plh < 0 || g.plw < 0 || g.phh < 0 || g.phw < 0 ||
-      g.plh >= g.kh || g.plw >= g.kw || g.phh >= g.kh || g.phw >= g.kw) {
-    return ffi::Error::InvalidArgument(
-        "onednn_maxpool: window and strides must be >= 1, padding in [0, window)");
-  }
-  if ((g.h + g.plh + g.phh - g.kh) / g.sh + 1 != g.oh || (g.w + g.plw + g.phw - g.kw) / g.sw + 1 != g.ow) {
-    return ffi::Error::InvalidArgument("onednn_maxpool: output size does not match the attributes");
-  }
-  const auto type = TypeCode(x.element_type());
-  if (!type || y.element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("onednn_maxpool: float32 or bfloat16 operands of one type");
-  }
-  g.type = *type;
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckWorkspace(const Buf& ws, const Buf& y) {
-  if (ws.element_type() != ffi::DataType::U8 || ws.element_count() != y.element_count()) {
-    return ffi::Error::InvalidArgument("onednn_maxpool: the workspace must be uint8, one per output");
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error MaxPoolFwd(Buf x, Res y, Res ws, I64s window, I64s strides, I64s pad_lo, I64s pad_hi) {
-  PoolGeom g;
-  if (auto err = ReadPoolGeom(g, x, *y, window, strides, pad_lo, pad_hi); err.failure()) return err;
-  if (auto err = CheckWorkspace(*ws, *y); err.failure()) return err;
-  return Guarded([&] {
-    const PoolPlan& plan = PoolCache().Get(g);
-    ExecutePool(plan.fwd, plan.fwd_scratch,
-                {{DNNL_ARG_SRC, dnnl::memory(plan.x, Engine(), x.untyped_data())},
-                 {DNNL_ARG_DST, dnnl::memory(plan.y, Engine(), y->untyped_data())},
-                 {DNNL_ARG_WORKSPACE, dnnl::memory(plan.ws, Engine(), ws->untyped_data())}});
-  });
-}
-
-ffi::Error MaxPoolBwd(Buf dy, Buf ws, Res dx, I64s window, I64s strides, I64s pad_lo, I64s pad_hi) {
-  PoolGeom g;
-  if (auto err = ReadPoolGeom(g, *dx, dy, window, strides, pad_lo, pad_hi); err.failure()) return err;
-  if (auto err = CheckWorkspace(ws, dy); err.failure()) return err;
-  return Guarded([&] {
-    const PoolPlan& plan = PoolCache().Get(g);
-    ExecutePool(plan.bwd, plan.bwd_scratch,
-                {{DNNL_ARG_DIFF_DST, dnnl::memory(plan.y, Engine(), dy.untyped_data())},
-                 {DNNL_ARG_WORKSPACE, dnnl::memory(plan.ws, Engine(), ws.untyped_data())},
-                 {DNNL_ARG_DIFF_SRC, dnnl::memory(plan.x, Engine(), dx->untyped_data())}});
-  });
-}
-
 }  // namespace
 
 #define FERMSCA_CONV_BINDING                \
@@ -630,17 +444,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fermsca_onednn_conv_bwd_data, ConvBwdData,
                               FERMSCA_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fermsca_onednn_conv_bwd_weights, ConvBwdWeights,
                               FERMSCA_CONV_BINDING);
-
-#define FERMSCA_POOL_ATTRS        \
-  .Attr<I64s>("window")            \
-      .Attr<I64s>("strides")       \
-      .Attr<I64s>("pad_lo")        \
-      .Attr<I64s>("pad_hi")
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fermsca_onednn_maxpool_fwd, MaxPoolFwd,
-                              ffi::Ffi::Bind().Arg<Buf>().Ret<Buf>().Ret<Buf>() FERMSCA_POOL_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(fermsca_onednn_maxpool_bwd, MaxPoolBwd,
-                              ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>() FERMSCA_POOL_ATTRS);
 
 // Plain C helpers for diagnostics from Python (ctypes).
 extern "C" {
@@ -688,26 +491,5 @@ int fermsca_onednn_impl_info(int64_t kind, const int64_t* geom, char* buf, int64
 
 // Number of cached plans (tests use it to check that primitives are reused).
 int64_t fermsca_onednn_cache_size() { return static_cast<int64_t>(Cache().Size()); }
-
-// The forward and backward max-pooling implementations oneDNN picks for one pooling (e.g.
-// "jit:avx512_core / jit:avx512_core"), written into `buf` as fermsca_onednn_impl_info does. `geom`
-// holds PoolGeom's 15 fields in order. Returns 0 on success, -1 on error (message in buf).
-int fermsca_onednn_pool_impl_info(const int64_t* geom, char* buf, int64_t len) {
-  if (len <= 0) return -1;
-  std::string out;
-  int rc = 0;
-  try {
-    PoolGeom g{geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7],
-               geom[8], geom[9], geom[10], geom[11], geom[12], geom[13], geom[14]};
-    if (g.type != kF32 && g.type != kBF16) throw std::invalid_argument("bad element type");
-    out = PoolCache().Get(g).impl;
-  } catch (const std::exception& e) {
-    out = e.what();
-    rc = -1;
-  }
-  std::strncpy(buf, out.c_str(), static_cast<size_t>(len - 1));
-  buf[len - 1] = '\0';
-  return rc;
-}
 
 }  // extern "C"
