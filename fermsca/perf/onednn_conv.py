@@ -96,7 +96,8 @@ class _OneDNN(NamedTuple):
 # spinning barriers slow down badly whenever another thread or process wants a core. Its libdnnl
 # also needs libimf / libintlc from `intel-cmplr-lib-rt`, which the wheel does not declare.
 # `onednn` / `onednn-devel` (2024 and later) are built with the SYCL CPU runtime, which needs a SYCL
-# CPU device (an OpenCL CPU runtime), and are not used.
+# CPU device (Intel's OpenCL CPU runtime, 2 GB with its dependencies, for about 3% on this network's
+# convolutions: experiments/perf/README.md), and are not used.
 RUNTIME_DISTS = ("onednn-cpu-tbb", "onednn-cpu-gomp", "onednn-cpu-iomp", "onednn")
 HEADER_DISTS = ("onednn-devel-cpu-tbb", "onednn-devel-cpu-gomp", "onednn-devel-cpu-iomp", "onednn-devel")
 _USABLE_CPU_RUNTIMES = ("OMP", "TBB", "SEQ", "THREADPOOL")
