@@ -1,8 +1,13 @@
 """The study tables and the report on small hand-made results.json files (nothing is trained)."""
 
+import functools
 import json
+import os
 import re
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +213,74 @@ def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monk
     monkeypatch.setattr(common.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 75))
     with pytest.raises(common.RunError, match="pre-empted .* repeat the command to resume"):
         common.train_folds_row(*args, **kwargs, rerun=True)
+
+
+def test_lane_cores_split_the_cpus_into_disjoint_even_groups():
+    assert common.lane_cores([0, 1], 2) == [(0,), (1,)]
+    assert common.lane_cores([3, 0, 1, 2, 4], 2) == [(0, 1, 2), (3, 4)]
+    assert common.lane_cores([0, 1, 2, 3], 1) == [(0, 1, 2, 3)]
+    for lanes in (0, 3):
+        with pytest.raises(ValueError, match="between 1 and the 2 CPUs"):
+            common.lane_cores([0, 1], lanes)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_a_pinned_command_runs_on_its_cpus_only(tmp_path):
+    cpu = min(os.sched_getaffinity(0))
+    report_affinity = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    common._run_logged(report_affinity, tmp_path / "w", "probe", rerun=False, dry_run=False, cpus=(cpu,))
+    assert (tmp_path / "w.log").read_text().strip() == f"[{cpu}]"
+    assert common.pinned(report_affinity, None) == report_affinity
+
+
+def test_lanes_run_jobs_side_by_side_each_on_its_own_cpus():
+    started, lock = [], threading.Lock()
+    both_running = threading.Barrier(2, timeout=10)
+
+    def job(name, cpus):
+        with lock:
+            started.append((name, cpus))
+        if name in ("a", "b"):  # the first two run at once, or the barrier times out
+            both_running.wait()
+
+    tables = []
+    common.run_jobs([functools.partial(job, n) for n in "abc"], 2, lambda: tables.append(1), cpus=[0, 1])
+    assert sorted(c for n, c in started if n in "ab") == [(0,), (1,)]
+    assert len(started) == 3 and len(tables) == 3
+    common.run_jobs([functools.partial(job, "c")], 1, lambda: None)
+    assert started[-1] == ("c", None)  # one lane: every CPU, nothing pinned
+
+
+def test_after_a_failure_no_new_job_starts_and_the_failure_is_raised():
+    ran, b_started = [], threading.Event()
+
+    def job(name, cpus):
+        ran.append(name)
+        if name == "b":
+            b_started.set()
+            time.sleep(0.05)  # still busy when a's failure is filed
+        if name == "a":
+            b_started.wait(timeout=10 if cpus else 0)  # with two lanes, fail once b runs beside a
+            raise common.RunError("a failed")
+
+    with pytest.raises(common.RunError, match="a failed"):
+        common.run_jobs([functools.partial(job, n) for n in "abc"], 1, lambda: None)
+    assert ran == ["a"]
+    ran.clear()
+    with pytest.raises(common.RunError, match="a failed"):
+        common.run_jobs([functools.partial(job, n) for n in "abcdef"], 2, lambda: None, cpus=[0, 1])
+    assert sorted(ran) == ["a", "b"]  # the other lane's job finishes; later ones never start
+
+
+def test_study_dry_run_with_lanes_pins_each_run(capsys, monkeypatch):
+    from experiments.paper import recipe_levers
+
+    monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    common.main(recipe_levers.STUDY, ["--manual_dir", "/d", "--dry_run", "--rows", "ema", "--lanes", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and {line.split("]")[0] for line in out} == {"[CPUs 0", "[CPUs 1"}
+    with pytest.raises(SystemExit):
+        common.main(recipe_levers.STUDY, ["--manual_dir", "/d", "--dry_run", "--lanes", "3"])
 
 
 # Study tables -----------------------------------------------------------------------------------
