@@ -656,7 +656,7 @@ def run_jobs(jobs: Sequence[Callable[..., Any]], lanes: int, after_each: Callabl
             group = free.pop(0)
         try:
             job(cpus=group)
-        except Exception as e:  # noqa: BLE001 - raised again below, after the other lanes finish
+        except Exception as e:  # raised below, once the other lanes have finished
             with lock:
                 failures.append(e)
         finally:
@@ -817,7 +817,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
         except ValueError as e:
             parser.error(str(e))
     run_args = dict(scratch=Path(args.scratch), rerun=args.rerun, keep_workdir=args.keep_workdirs,
-                  dry_run=args.dry_run)
+                    dry_run=args.dry_run)
     jobs = []
     for row in study.rows:
         if row.name not in wanted:
