@@ -534,9 +534,9 @@ def _run_logged(cmd: list[str], workdir: Path, name: str, *, rerun: bool, dry_ru
     resume or where to look."""
     where = f"[CPUs {','.join(map(str, cpus))}] " if cpus else ""
     print(f"{where}$ " + shlex.join(cmd), flush=True)
-    cmd = pinned(cmd, cpus)
     if dry_run:
         return None
+    cmd = pinned(cmd, cpus)
     if rerun and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -637,15 +637,15 @@ def train_folds_row(study: str, mode: str, row_path: str, config_file: str, over
 def run_jobs(jobs: Sequence[Callable[..., Any]], lanes: int, after_each: Callable[[], Any],
              cpus: Sequence[int] | None = None) -> None:
     """Runs `jobs` (each called as job(cpus=...)) in order, up to `lanes` at once, each on one lane's
-    CPUs (`lane_cores` of `cpus`, default this process's); `after_each()` runs after every job, one at
-    a time. With one lane the jobs run one after another on every CPU. After a failure no new job
-    starts; the running ones finish, then the first failure is raised."""
+    CPUs (`lane_cores` of `cpus`, default this process's); `after_each()` runs after every job that
+    succeeds, one at a time. With one lane the jobs run one after another on every CPU. After a
+    failure no new job starts; the running ones finish, then the first failure is raised."""
     if lanes == 1:
         for job in jobs:
             job(cpus=None)
             after_each()
         return
-    free = list(lane_cores(sorted(os.sched_getaffinity(0)) if cpus is None else cpus, lanes))
+    free = lane_cores(os.sched_getaffinity(0) if cpus is None else cpus, lanes)
     lock = threading.Lock()
     failures: list[BaseException] = []
 
@@ -659,10 +659,11 @@ def run_jobs(jobs: Sequence[Callable[..., Any]], lanes: int, after_each: Callabl
         except Exception as e:  # raised below, once the other lanes have finished
             with lock:
                 failures.append(e)
-        finally:
-            with lock:
                 free.append(group)
-                after_each()
+            return
+        with lock:
+            free.append(group)
+            after_each()
 
     with concurrent.futures.ThreadPoolExecutor(lanes) as pool:
         list(pool.map(work, jobs))
@@ -809,11 +810,13 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
         budget["num_epochs"] = args.epochs
     data_flags = {k: v for k, v in (("dataset.manual_dir", args.manual_dir),
                                     ("dataset.data_dir", args.data_dir)) if v}
+    cpus = None
     if args.lanes != 1:
         if not hasattr(os, "sched_getaffinity"):
             parser.error("--lanes pins runs to CPUs, which this platform does not offer (Linux does)")
+        cpus = sorted(os.sched_getaffinity(0))
         try:
-            lane_cores(sorted(os.sched_getaffinity(0)), args.lanes)
+            lane_cores(cpus, args.lanes)
         except ValueError as e:
             parser.error(str(e))
     run_args = dict(scratch=Path(args.scratch), rerun=args.rerun, keep_workdir=args.keep_workdirs,
@@ -838,7 +841,8 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
             jobs.append(functools.partial(train_row, study.name, mode, row_path, CONFIG_FILES[dataset],
                                           overrides, **run_args))
     start = time.time()
-    run_jobs(jobs, args.lanes, (lambda: None) if args.dry_run else (lambda: write_table(study, mode)))
+    run_jobs(jobs, args.lanes, (lambda: None) if args.dry_run else (lambda: write_table(study, mode)),
+             cpus=cpus)
     if not args.dry_run:
         path = write_table(study, mode)
         print(f"{study.name} ({mode}) done in {time.time() - start:.0f} s; table: {path}")
