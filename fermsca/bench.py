@@ -46,24 +46,15 @@ def random_batch(batch_size: int, num_classes: int = 8, seed: int = 0) -> tuple[
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what `platform` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU: its model name, family, model and vector ISA (`hostenv.cpu`)."""
+    return hostenv.cpu()["name"]
 
 
 def avx512() -> bool | None:
     """Whether /proc/cpuinfo lists AVX-512 (avx512f); None where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
+    if not os.path.exists("/proc/cpuinfo"):
         return None
+    return "avx512f" in hostenv.cpu()["isa"]
 
 
 def write_json(path: str, record: dict) -> None:
@@ -153,7 +144,7 @@ def benchmark(config, batch_size: int, seconds: float, warmup: int = 3, *, model
         "hugepage_malloc": hugepages.active(),
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count()},
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "cpu": cpu_model()},
         "jax": jax.__version__,
     }
 

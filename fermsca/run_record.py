@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fermsca import config_schema, report
+from fermsca import config_schema, hostenv, report
 
 RESULTS_FILE = "results.json"
 PROGRESS_FILE = "progress.json"
@@ -79,7 +79,7 @@ def environment() -> dict:
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "processor": platform.processor()},
+                 "processor": platform.processor(), "cpu": hostenv.cpu()["name"]},
         "git_commit": git_commit(),
     }
 

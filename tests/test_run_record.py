@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from fermsca import config_schema, run_record
+from fermsca import config_schema, hostenv, run_record
 
 RESULTS_KEYS = [
     "config", "dataset", "evaluated_split", "evaluations", "accuracy", "best_validation_accuracy",
@@ -103,7 +103,8 @@ def test_results_record():
     assert (results["epochs"], results["steps"], results["parameters"], results["seed"]) == (3, 12, 1234, 7)
     assert results["history"] == history and results["evaluated_split"] == "test"
     assert results["device_count"] >= 1 and results["process_count"] == 1
-    assert set(results["host"]) == {"machine", "cpu_count", "processor"}
+    assert set(results["host"]) == {"machine", "cpu_count", "processor", "cpu"}
+    assert results["host"]["cpu"] == hostenv.cpu()["name"]
     assert set(results["versions"]) >= {"fermsca", "jax", "flax", "optax", "orbax_checkpoint",
                                         "tensorflow_datasets", "python"}
     commit = results["git_commit"]
