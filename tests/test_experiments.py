@@ -340,6 +340,25 @@ def test_levers_are_measured_against_the_baseline_row(tmp_path):
     ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
                if line.startswith("| weight EMA"))
     assert "| -2.00 (1 seed) | +1.00 (1 seed) | 0.50x |" in ema
+    # Wall times are compared only between runs on the same CPU: another machine gives "-".
+    write(base / "synthetic_faces-ema" / "seed_1",
+          {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": 60.0,
+           "host": {"cpu": "AMD EPYC (family 26, model 2; avx2 fma avx512f)"}})
+    ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
+               if line.startswith("| weight EMA"))
+    assert "| -2.00 (1 seed) | +1.00 (1 seed) | - |" in ema
+    for k in (0, 1):
+        for row, wall in (("baseline", 100.0), ("ema", 150.0 + 100 * k)):
+            write(base / f"synthetic_faces-{row}" / f"seed_{k}",
+                  {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": wall,
+                   "host": {"cpu": f"CPU {k}"}})
+    # seed 1's ema ran on another CPU than seed 1's baseline: only seed 0 is paired for the wall time
+    write(base / "synthetic_faces-ema" / "seed_1",
+          {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": 250.0,
+           "host": {"cpu": "CPU 0"}})
+    ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
+               if line.startswith("| weight EMA"))
+    assert "| +0.00 (2 seeds) | +0.00 (2 seeds) | 1.50x |" in ema
     # Without a baseline row's results there is nothing to measure against: no gain columns.
     shutil.rmtree(base / "synthetic_faces-baseline")
     assert "Gain" not in common.study_table(study, "quick", results_root=tmp_path)

@@ -226,6 +226,7 @@ class Summary:
     evaluated_split: str
     epochs: float
     wall_seconds: tuple[float, ...]
+    cpus: tuple[str | None, ...] = ()  # per repeat: the CPU it ran on (results' host.cpu), if named
 
 
 def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Summary:
@@ -252,6 +253,7 @@ def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Su
         epochs=epochs[0] if len(epochs) == 1 else float("nan"),
         wall_seconds=tuple(float(r["wall_time_seconds"]) for r in results
                            if r.get("wall_time_seconds") is not None),
+        cpus=tuple(r.get("host", {}).get("cpu") for r in results),
     )
 
 
@@ -298,7 +300,8 @@ def _opt(values: Sequence[float]) -> str:
 @dataclasses.dataclass(frozen=True)
 class Gain:
     """A row against the baseline over the seeds both have (`seeds`): mean accuracy and macro F1
-    differences (fractions) and the row's total wall time over the baseline's (None if unknown)."""
+    differences (fractions) and the row's total wall time over the baseline's, over the seeds whose
+    two runs ran on the same CPU (None if there are none: machines of one class differ 2-4x)."""
 
     seeds: tuple[str, ...]
     accuracy: float
@@ -308,21 +311,24 @@ class Gain:
 
 def paired_gain(row: Summary, base: Summary) -> Gain | None:
     """`row` against `base`, paired by seed (the runs of the same repeat directory, `seed_k`); None
-    where they share no seed."""
-    def by_seed(summary: Summary) -> dict[str, tuple[float, float, float | None]]:
+    where they share no seed. Wall times are paired only where both runs name the same CPU (or
+    neither does: records from before results named it)."""
+    def by_seed(summary: Summary) -> dict[str, tuple[float, float, float | None, str | None]]:
         walls = summary.wall_seconds if len(summary.wall_seconds) == len(summary.paths) else ()
-        return {p.parent.name: (a, f, walls[i] if walls else None) for i, (p, a, f) in
+        cpus = summary.cpus if len(summary.cpus) == len(summary.paths) else ()
+        return {p.parent.name: (a, f, walls[i] if walls else None, cpus[i] if cpus else None)
+                for i, (p, a, f) in
                 enumerate(zip(summary.paths, summary.accuracy, summary.macro_f1, strict=True))}
 
     ours, theirs = by_seed(row), by_seed(base)
     shared = tuple(sorted(set(ours) & set(theirs)))
     if not shared:
         return None
-    walls = [(ours[k][2], theirs[k][2]) for k in shared]
-    known = all(w is not None for pair in walls for w in pair)
+    walls = [(ours[k][2], theirs[k][2]) for k in shared
+             if ours[k][3] == theirs[k][3] and ours[k][2] is not None and theirs[k][2] is not None]
     return Gain(shared, sum(ours[k][0] - theirs[k][0] for k in shared) / len(shared),
                 sum(ours[k][1] - theirs[k][1] for k in shared) / len(shared),
-                sum(w for w, _ in walls) / sum(w for _, w in walls) if known else None)
+                sum(w for w, _ in walls) / sum(w for _, w in walls) if walls else None)
 
 
 def gain_cells(row: Summary, base: Summary) -> list[str]:
