@@ -442,6 +442,9 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
     try:
         with preemption:
             restored = ckpts.restore_latest(abstract)
+            # The wall time of the processes before this one, known from epoch `counted_from` on
+            # (a checkpoint written before it was recorded knows none).
+            earlier_seconds, counted_from = 0.0, 0
             if restored is None:
                 state, start_epoch, history = init_folds(steps, seeds), 0, {n: [] for n in names}
             else:
@@ -450,6 +453,9 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
                     raise cli.ConfigError(f"{workdir} holds a study of {meta.get('repeats')}, not {names}: "
                                           "rerun with the same folds or use another --workdir")
                 start_epoch, history = int(meta["epoch"]), meta["history"]
+                earlier_seconds = float(meta.get("wall_time_seconds", 0.0))
+                counted_from = int(meta.get("wall_time_counted_from_epoch",
+                                            0 if "wall_time_seconds" in meta else start_epoch))
                 log.info("resumed from epoch %d", start_epoch)
             fold_steps_done = [min(start_epoch * s, t) for s, t in zip(steps_per_epoch, totals, strict=True)]
             if list(np.asarray(state.step)) != fold_steps_done:
@@ -483,7 +489,10 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
                 _epoch_end(epoch, state, epoch_metrics, steps, data, config, names, steps_per_epoch, totals,
                            history)
                 if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == num_epochs:
-                    ckpts.save(epoch + 1, state, {**meta_base, "epoch": epoch + 1, "history": history})
+                    ckpts.save(epoch + 1, state, {
+                        **meta_base, "epoch": epoch + 1, "history": history,
+                        "wall_time_seconds": earlier_seconds + time.time() - start_time,
+                        "wall_time_counted_from_epoch": counted_from})
                 if preemption.requested and epoch + 1 < num_epochs:
                     raise cli.Preempted(f"pre-empted (SIGTERM) after epoch {epoch + 1}: " + RESUME)
             ckpts.wait()
@@ -507,7 +516,9 @@ def train_folds(config: ml_collections.ConfigDict, folds: Sequence[int], workdir
         "class_names": list(class_names),
         "steps_per_epoch": dict(zip(names, steps_per_epoch, strict=True)),
         "convolutions": steps.convolutions,
-        "wall_time_seconds": time.time() - start_time,
+        # every process's time up to its last checkpoint, from epoch `counted_from` on
+        "wall_time_seconds": earlier_seconds + time.time() - start_time,
+        "wall_time_counted_from_epoch": counted_from,
         "train_images_per_second": images / seconds if seconds else None,
         "device_kind": jax.devices()[0].device_kind,
     })

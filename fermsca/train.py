@@ -453,6 +453,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         history: list[dict] = []
         warnings: list[str] = []
         restored = ckpts.restore_latest(trainer.abstract_state())
+        earlier_seconds = 0.0  # the wall time of the processes before this one, up to ...
+        counted_from = 0  # ... the step from which it is known (a checkpoint may predate the count)
         if restored is None:
             if ckpts.set_aside:
                 warnings.append(
@@ -466,7 +468,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = trainer.place(state)
             history = list(meta.get("history", []))
             logging.info("resumed from step %d (epoch %s)", int(state.step), meta.get("epoch"))
+            if "wall_time_seconds" in meta:
+                earlier_seconds = float(meta["wall_time_seconds"])
+                counted_from = int(meta.get("wall_time_counted_from_step", 0))
+            else:
+                counted_from = int(state.step)
+            if counted_from:
+                warnings.append(
+                    f"wall_time_seconds counts only the time since step {counted_from}: the "
+                    "checkpoint resumed from there did not record the time before it")
         start_step = int(state.step)
+
+        def wall_time() -> float:
+            """The run's wall time: every earlier process's up to the checkpoint resumed from,
+            plus this one's (the work lost after a process's last checkpoint is not counted)."""
+            return earlier_seconds + time.time() - start_time
+
         leg = (start_step, time.time())  # this process's start, for progress.json's pace
         meta_base = {"config": config.to_json(), "class_names": list(data.class_names),
                      "dataset": data.name}
@@ -475,7 +492,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         def save(step: int, epoch: float, val_accuracy: float | None) -> None:
             if step in ckpts.latest.all_steps():  # e.g. SIGTERM right after an end-of-epoch save
                 return
-            ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history},
+            ckpts.save(step, state, {**meta_base, "epoch": epoch, "history": history,
+                                     "wall_time_seconds": wall_time(),
+                                     "wall_time_counted_from_step": counted_from},
                        val_accuracy=val_accuracy)
 
         writer.write_hparams(run_record.hparams(config))
@@ -585,7 +604,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results.update({
             "warnings": warnings,
             "status": status,
-            "wall_time_seconds": time.time() - start_time,
+            "wall_time_seconds": wall_time(),
+            "resumed_from_step": start_step or None,
             "train_images_per_second": timer.images_per_second(),
             "train_data_on_device": train_data is not None,
         })

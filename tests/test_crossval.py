@@ -244,7 +244,11 @@ def test_resumes_from_the_last_epoch(study, tmp_path):
     shutil.rmtree(os.path.join(killed, checkpoint.LATEST_DIR, str(EPOCHS)))
     for name in ("summary.json", *[os.path.join(f"fold_{k}", "results.json") for k in FOLDS]):
         os.remove(os.path.join(killed, name))
+    _, meta = checkpoint.load_checkpoint(os.path.join(killed, checkpoint.LATEST_DIR, "1"))
     resumed = crossval.train_folds(config, FOLDS, killed, steps=steps)
+    # the wall time counts the first process's up to its epoch-1 checkpoint, then this one's
+    assert resumed["wall_time_seconds"] > meta["wall_time_seconds"] > 0
+    assert resumed["wall_time_counted_from_epoch"] == meta["wall_time_counted_from_epoch"] == 0
     want, got = final_variables(workdir), final_variables(killed)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), want, got)
     assert resumed["accuracy_per_fold"] == summary["accuracy_per_fold"]

@@ -158,6 +158,10 @@ def test_cli_run_writes_results_checkpoints_and_events(reference_run):
     cache = os.listdir(os.environ["FERMSCA_COMPILATION_CACHE"])
     assert any(name.startswith("jit_train_step-") for name in cache), cache
     assert committed_steps(workdir) == [16, 24]  # keep_checkpoints=2
+    # Each checkpoint records the run's wall time so far, so that a resumed run's total counts it.
+    _, meta = checkpoint.load_checkpoint(os.path.join(workdir, checkpoint.LATEST_DIR, "24"))
+    assert 0 < meta["wall_time_seconds"] <= results["wall_time_seconds"]
+    assert meta["wall_time_counted_from_step"] == 0 and results["resumed_from_step"] is None
     assert os.listdir(os.path.join(workdir, checkpoint.BEST_DIR))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     for png in ("confusion_matrix_best.png", "confusion_matrix_last.png", "training_curves.png"):
@@ -255,8 +259,15 @@ def test_sigterm_saves_and_resumes(tmp_path, data_dir, reference_run):
     assert len(progress["history"]) == int(progress["epoch"]) and progress["num_epochs"] == 3
     # Outside compilation a pre-emption is honoured well within a typical 30 s grace period.
     assert acted < 30, f"took {acted:.1f} s to save and exit after SIGTERM"
+    _, meta = checkpoint.load_checkpoint(os.path.join(workdir, checkpoint.LATEST_DIR, str(step)))
     run_main(workdir, data_dir)
     assert_same_params(final_params(reference_run[0]), final_params(workdir))
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    # The wall time adds the pre-empted process's, up to its checkpoint, to the resumed one's.
+    assert results["resumed_from_step"] == step and meta["wall_time_counted_from_step"] == 0
+    assert results["wall_time_seconds"] > meta["wall_time_seconds"] > 0
+    assert not any("wall_time_seconds counts only" in w for w in results["warnings"])
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, reference_run, caplog):
