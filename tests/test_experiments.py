@@ -334,31 +334,26 @@ def test_levers_are_measured_against_the_baseline_row(tmp_path):
     assert "| none (the paper's recipe) | - | 0.8100 ± 0.0141 (n=2) | 0.6200 ± 0.0283 (n=2) | - | - | - |" \
         in text
     assert "| label smoothing | 0.1 | not run |  |  |  |  |" in text
+    def run(row, seed, wall, cpu=None):
+        write(base / f"synthetic_faces-{row}" / f"seed_{seed}",
+              {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": wall,
+               **({"host": {"cpu": cpu}} if cpu else {})})
+
+    def ema_line():
+        return next(line for line in common.study_table(study, "quick", results_root=tmp_path)
+                    .splitlines() if line.startswith("| weight EMA"))
+
     # A lever with one seed so far is paired with the baseline's run of that seed only.
-    write(base / "synthetic_faces-ema" / "seed_1",
-          {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": 60.0})
-    ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
-               if line.startswith("| weight EMA"))
-    assert "| -2.00 (1 seed) | +1.00 (1 seed) | 0.50x |" in ema
+    run("ema", 1, 60.0)
+    assert "| -2.00 (1 seed) | +1.00 (1 seed) | 0.50x |" in ema_line()
     # Wall times are compared only between runs on the same CPU: another machine gives "-".
-    write(base / "synthetic_faces-ema" / "seed_1",
-          {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": 60.0,
-           "host": {"cpu": "AMD EPYC (family 26, model 2; avx2 fma avx512f)"}})
-    ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
-               if line.startswith("| weight EMA"))
-    assert "| -2.00 (1 seed) | +1.00 (1 seed) | - |" in ema
+    run("ema", 1, 60.0, cpu="AMD EPYC (family 26, model 2; avx2 fma avx512f)")
+    assert "| -2.00 (1 seed) | +1.00 (1 seed) | - |" in ema_line()
     for k in (0, 1):
-        for row, wall in (("baseline", 100.0), ("ema", 150.0 + 100 * k)):
-            write(base / f"synthetic_faces-{row}" / f"seed_{k}",
-                  {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": wall,
-                   "host": {"cpu": f"CPU {k}"}})
+        run("baseline", k, 100.0, cpu=f"CPU {k}")
+        run("ema", k, 150.0, cpu="CPU 0")
     # seed 1's ema ran on another CPU than seed 1's baseline: only seed 0 is paired for the wall time
-    write(base / "synthetic_faces-ema" / "seed_1",
-          {**fake_results(0.80, macro_f1=0.65, split="validation"), "wall_time_seconds": 250.0,
-           "host": {"cpu": "CPU 0"}})
-    ema = next(line for line in common.study_table(study, "quick", results_root=tmp_path).splitlines()
-               if line.startswith("| weight EMA"))
-    assert "| +0.00 (2 seeds) | +0.00 (2 seeds) | 1.50x |" in ema
+    assert "| +0.00 (2 seeds) | +0.00 (2 seeds) | 1.50x |" in ema_line()
     # Without a baseline row's results there is nothing to measure against: no gain columns.
     shutil.rmtree(base / "synthetic_faces-baseline")
     assert "Gain" not in common.study_table(study, "quick", results_root=tmp_path)
