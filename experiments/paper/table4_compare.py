@@ -49,6 +49,7 @@ PUBLISHED = (
 )
 
 DEFAULT_SOURCES = (
+    "experiments/results/recipe_levers/full/ferplus-labels_crossentropy",  # the released weights
     "experiments/results/ferplus_cpu_30/results.json",
     "experiments/results/ferplus_cpu/results.json",
     "experiments/results/table3_ablation/full/ferplus-se1_bn1",
