@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fermsca import bench
+from fermsca import bench, hostenv
 from fermsca.perf import hugepages, onednn_conv
 
 OUTPUT = Path(__file__).resolve().parents[1] / "results" / "bench" / "onednn_conv.json"
@@ -49,18 +49,6 @@ SHAPES = [
     ("b3 3x3 256->256 @6", 6, 256, 256, 3, 1),
     ("b3 1x1 128->256 @6", 6, 128, 256, 1, 1),
 ]
-
-
-def _cpu_isa() -> list[str]:
-    """The vector-ISA flags of /proc/cpuinfo that decide oneDNN's kernels (AVX2, AVX-512, AMX ...)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split()
-                              if f.startswith(("avx", "amx", "fma")))
-    except OSError:
-        pass
-    return []
 
 
 def _functions(conv):
@@ -203,7 +191,7 @@ def main() -> None:
         "torch": importlib.metadata.version("torch") if with_torch else None,
         "hugepage_malloc": hugepages.active(),
         "cpu_model": bench.cpu_model(),
-        "cpu_isa": _cpu_isa(),
+        "cpu_isa": hostenv.cpu()["isa"],
         "cpu_count": os.cpu_count(),
         "threads_available": len(os.sched_getaffinity(0)),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
