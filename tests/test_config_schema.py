@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import ckplus, default, ferplus
+from configs import ckplus, default, ferplus, ferplus_plus
 from fermsca import config_schema
 from fermsca.cli import ConfigError
 
@@ -11,7 +11,7 @@ def test_schema_knows_exactly_the_default_fields():
     assert set(config_schema.flatten(default.get_config())) == set(config_schema.FIELDS)
 
 
-@pytest.mark.parametrize("module", [default, ferplus, ckplus])
+@pytest.mark.parametrize("module", [default, ferplus, ferplus_plus, ckplus])
 def test_shipped_configs_are_valid(module):
     config_schema.validate(module.get_config())
 

@@ -129,8 +129,9 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
     study = recipe_levers.STUDY
     assert study.rows[0].overrides == {} and study.seeds == (0, 1)
     assert study.budget["full"]["num_epochs"] == 30 and "30 epochs" in study.note
-    levers = [r for r in study.rows[1:]]
+    levers = [r for r in study.rows[1:-1]]
     assert len({r.name for r in levers}) == len(levers) == 11
+    assert study.rows[-1].name == "recipe"
     two_fields = {"warmup_cosine": {"optimizer.schedule", "optimizer.warmup_epochs"},
                   "wider": {"model.stem_width", "model.widths"}}
     for row in levers:  # one lever per row
@@ -147,6 +148,30 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("--config.ema_decay=0.999" in line for line in out)
     assert "--config.num_epochs=30" in out[0] and "--config.seed=1" in out[1]
+
+
+def test_recipe_row_trains_configs_ferplus_plus_from_levers_each_measured_alone():
+    from configs import ferplus, ferplus_plus
+    from experiments.paper import recipe_levers
+    from fermsca import config_schema
+
+    recipe = recipe_levers.STUDY.rows[-1]
+    assert recipe.name == "recipe" and recipe.overrides  # at least one lever paid
+    # configs/ferplus.py with the row's overrides and the recipe's budget is configs/ferplus_plus.py.
+    config = ferplus.get_config()
+    for field, value in recipe.overrides.items():
+        node = config
+        *path, leaf = field.split(".")
+        for name in path:
+            node = node[name]
+        node[leaf] = value
+    config.num_epochs = 60
+    assert config_schema.flatten(config) == config_schema.flatten(ferplus_plus.get_config())
+    config_schema.validate(ferplus_plus.get_config())
+    # Every lever in the recipe is one the study trained alone, at the same value.
+    alone = {(field, value) for row in recipe_levers.STUDY.rows[1:-1]
+             for field, value in row.overrides.items()}
+    assert set(recipe.overrides.items()) <= alone
 
 
 def fold_results(k: int, right: int, wrong: int) -> dict:
@@ -374,7 +399,7 @@ def test_a_second_seed_goes_only_to_levers_whose_gain_is_too_small_to_trust(tmp_
     kept = common.rows_within(study, "full", "ferplus", 1.0, names, results_root=tmp_path)
     assert kept == ["baseline", "labels_crossentropy", "labels_probability", "label_smoothing",
                     "mixup", "ema", "warmup_cosine", "adamw", "class_weighting", "wider",
-                    "conv_bfloat16"]  # rows not run yet are kept: nothing is known of them
+                    "conv_bfloat16", "recipe"]  # rows not run yet are kept: nothing is known of them
     assert "flip" not in kept
     assert common.rows_within(study, "full", "ferplus", 0.6, ["flip", "ema", "adamw"],
                               results_root=tmp_path) == ["ema"]
