@@ -137,12 +137,7 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
     for row in levers:  # one lever per row
         assert len(row.overrides) == 1 or set(row.overrides) == two_fields[row.name]
         config = ferplus.get_config()
-        for field, value in row.overrides.items():
-            node = config
-            *path, leaf = field.split(".")
-            for name in path:
-                node = node[name]
-            node[leaf] = value
+        config.update_from_flattened_dict(dict(row.overrides))
         config_schema.validate(config)  # every lever is a valid config
     common.main(study, ["--manual_dir", "/data/ferplus", "--dry_run", "--rows", "ema"])
     out = capsys.readouterr().out.splitlines()
@@ -159,13 +154,7 @@ def test_recipe_row_trains_configs_ferplus_plus_from_levers_each_measured_alone(
     assert recipe.name == "recipe" and recipe.overrides  # at least one lever paid
     # configs/ferplus.py with the row's overrides and the recipe's budget is configs/ferplus_plus.py.
     config = ferplus.get_config()
-    for field, value in recipe.overrides.items():
-        node = config
-        *path, leaf = field.split(".")
-        for name in path:
-            node = node[name]
-        node[leaf] = value
-    config.num_epochs = 60
+    config.update_from_flattened_dict({**recipe.overrides, "num_epochs": 60})
     assert config_schema.flatten(config) == config_schema.flatten(ferplus_plus.get_config())
     config_schema.validate(ferplus_plus.get_config())
     # Every lever in the recipe is one the study trained alone, at the same value.
