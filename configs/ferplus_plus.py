@@ -2,10 +2,10 @@
 
 Each lever was first trained alone against the paper's recipe at 30 epochs and scored on the FER+
 validation split (`python -m experiments.paper.recipe_levers`; the table:
-experiments/results/recipe_levers/full/table.md). A lever joins the recipe when it gains at least a
-point of validation accuracy on one seed, or gains on two seeds (smaller differences are noise on
-3,191 images); macro F1 counts too, since disgust, contempt and fear are rare. The same study's
-`recipe` row trains exactly this config's changes together, at the study's budget.
+experiments/results/recipe_levers/full/table.md). A lever joins the recipe when it gains at least
+a point of validation accuracy on one seed, or gains on each of two seeds (smaller differences are
+noise on 3,191 images); macro F1 counts too, since disgust, contempt and fear are rare. The same
+study's `recipe` row trains exactly this config's changes together, at the study's budget.
 
 The budget here is 60 epochs (Table 1 scaled to them); `--config.num_epochs=200` is the paper's.
 The test split is never used to choose a lever or a checkpoint.

@@ -49,7 +49,7 @@ STUDY = common.Study(
         common.Row("wider", ("wider network", "96/192/384"),
                    {"model.stem_width": 96, "model.widths": (96, 192, 384)}),
         # A speed lever that changes the numbers: is its accuracy the baseline's at the same budget?
-        # (1.32x the train step on a CPU with AVX512_BF16: experiments/perf/README.md)
+        # (the train step 1.32x with AVX512_BF16, 1.77x with AMX: experiments/perf/README.md)
         common.Row("conv_bfloat16", ("bfloat16 convolutions", "operands rounded, float32 accumulation"),
                    {"model.conv_dtype": "bfloat16"}),
         # Last: the levers that paid, together (configs/ferplus_plus.py at this study's budget).
