@@ -139,7 +139,7 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
         config = ferplus.get_config()
         config.update_from_flattened_dict(dict(row.overrides))
         config_schema.validate(config)  # every lever is a valid config
-    common.main(study, ["--manual_dir", "/data/ferplus", "--dry_run", "--rows", "ema"])
+    common.main(study, ["--manual_dir", "/data/ferplus", "--dry_run", "--rerun", "--rows", "ema"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("--config.ema_decay=0.999" in line for line in out)
     assert "--config.num_epochs=30" in out[0] and "--config.seed=1" in out[1]
@@ -290,7 +290,8 @@ def test_study_dry_run_with_lanes_pins_each_run(capsys, monkeypatch):
     from experiments.paper import recipe_levers
 
     monkeypatch.setattr(common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    common.main(recipe_levers.STUDY, ["--manual_dir", "/d", "--dry_run", "--rows", "ema", "--lanes", "2"])
+    common.main(recipe_levers.STUDY, ["--manual_dir", "/d", "--dry_run", "--rerun", "--rows", "ema",
+                                      "--lanes", "2"])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and {line.split("]")[0] for line in out} == {"[CPUs 0", "[CPUs 1"}
     with pytest.raises(SystemExit):
