@@ -201,6 +201,9 @@ def profile(step: str, batch_size: int, steps: int, conv_impl: str | None = None
         "jax": jax.__version__,
         "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
+        "cpu": bench.cpu_model(),
+        # Instruction-set caps the run was given (e.g. the AVX2 code paths, as in compare_pytorch).
+        "isa_caps": {name: os.environ.get(name) for name in ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA")},
     }
 
 
