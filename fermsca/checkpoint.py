@@ -24,6 +24,7 @@ from etils import epath
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+CONV_DTYPES = ("float32", "bfloat16")  # config_schema's `model.conv_dtype`
 
 
 class CheckpointError(RuntimeError):
@@ -248,10 +249,22 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
     return jax.tree.map(np.asarray, variables), meta
 
 
-def write_release(path: str, output: str) -> str:
+def write_release(path: str, output: str, conv_dtype: str | None = None) -> str:
     """Copies a checkpoint's inference variables (params, batch_stats) and metadata, without the
-    optimiser state, to `output/<step>/` in the layout `load_checkpoint` reads. Returns that folder."""
+    optimiser state, to `output/<step>/` in the layout `load_checkpoint` reads. Returns that folder.
+
+    `conv_dtype` ("float32" or "bfloat16") sets the precision the released model's convolutions
+    compute in (its config's `model.conv_dtype`), e.g. float32 for weights trained with bfloat16
+    operands; the metadata keeps the run's as `trained_conv_dtype`. None keeps the run's."""
     variables, meta = load_checkpoint(path)
+    if conv_dtype is not None:
+        if conv_dtype not in CONV_DTYPES:
+            raise CheckpointError(f"conv_dtype must be one of {CONV_DTYPES}, got {conv_dtype!r}")
+        config = json.loads(meta["config"])
+        model = config.setdefault("model", {})
+        meta["trained_conv_dtype"] = model.get("conv_dtype", "float32")
+        model["conv_dtype"] = conv_dtype
+        meta["config"] = json.dumps(config)
     _, step = find_checkpoint(path)
     step_dir = os.path.abspath(os.path.join(output, str(step)))
     if os.path.exists(step_dir):
@@ -271,8 +284,10 @@ def main() -> None:
         description="Write a checkpoint's inference weights (no optimiser state) for release.")
     parser.add_argument("--checkpoint", required=True, help="workdir, checkpoints/ or best/ folder")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--conv_dtype", choices=CONV_DTYPES, default=None,
+                        help="precision of the released model's convolutions (default: the run's)")
     args = parser.parse_args()
-    print(write_release(args.checkpoint, args.output))
+    print(write_release(args.checkpoint, args.output, args.conv_dtype))
 
 
 if __name__ == "__main__":

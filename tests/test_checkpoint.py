@@ -1,5 +1,6 @@
 """Checkpoint helpers: shape checks, path resolution, fallback over a corrupt step, release copies."""
 
+import json
 import logging
 import os
 
@@ -84,6 +85,24 @@ def test_release_keeps_inference_variables_only(tmp_path):
     assert meta["step"] == 7 and meta["class_names"] == ["a", "b", "c"]
     with pytest.raises(checkpoint.CheckpointError, match="already exists"):
         checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "release"))
+
+
+def test_release_can_set_the_convolutions_precision(tmp_path):
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path / "run"), keep=3, asynchronous=False)
+    config = {"seed": 0, "model": {"widths": [4], "conv_dtype": "bfloat16"}}
+    ckpts.save(5, _state(), {"config": json.dumps(config), "class_names": ["a"], "history": []},
+               val_accuracy=0.5)
+    ckpts.wait()
+    ckpts.close()
+    checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "f32"), conv_dtype="float32")
+    _, meta = checkpoint.load_checkpoint(str(tmp_path / "f32"))
+    assert json.loads(meta["config"]) == {"seed": 0, "model": {"widths": [4], "conv_dtype": "float32"}}
+    assert meta["trained_conv_dtype"] == "bfloat16"
+    checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "kept"))
+    _, meta = checkpoint.load_checkpoint(str(tmp_path / "kept"))
+    assert json.loads(meta["config"]) == config and "trained_conv_dtype" not in meta
+    with pytest.raises(checkpoint.CheckpointError, match="conv_dtype must be one of"):
+        checkpoint.write_release(str(tmp_path / "run"), str(tmp_path / "bad"), conv_dtype="float16")
 
 
 def test_load_checkpoint_reads_a_run_and_a_release_without_warnings(tmp_path, caplog):
