@@ -8,7 +8,9 @@ noise on 3,191 images); macro F1 counts too, since disgust, contempt and fear ar
 study's `recipe` row trains exactly this config's changes together, at the study's budget.
 
 The budget here is 60 epochs (Table 1 scaled to them); `--config.num_epochs=200` is the paper's.
-The test split is never used to choose a lever or a checkpoint.
+The test split is never used to choose a lever or a checkpoint. At 60 epochs, seed 0, it reached
+0.8678 validation accuracy, macro F1 0.734 (experiments/results/ferplus_plus_e60: the released
+weights).
 """
 
 from configs import ferplus
