@@ -640,6 +640,41 @@ def test_ckplus_tables_2_3_sit_together_with_the_full_budget_row_last(tmp_path):
         < index.index("| study | budget | results |")
 
 
+def test_ferplus_lever_ablation_sits_in_the_readme_with_gains_seeds_and_cost(tmp_path):
+    from experiments.paper import recipe_levers
+
+    results = tmp_path / "experiments" / "results"
+    base = results / recipe_levers.STUDY.name / "full"
+
+    def run(row: str, seed: int, acc: float, f1: float, wall: float, cpu: str) -> None:
+        write(base / f"ferplus-{row}" / f"seed_{seed}",
+              {**fake_results(acc, "ferplus", split="validation", epochs=30, macro_f1=f1),
+               "wall_time_seconds": wall, "host": {"cpu": cpu}})
+
+    run("baseline", 0, 0.84, 0.60, 1000.0, "A")
+    assert report.ferplus_levers(tmp_path, results) is None  # the baseline alone: no ablation yet
+    run("baseline", 1, 0.86, 0.62, 1100.0, "B")
+    run("flip", 0, 0.85, 0.63, 1500.0, "A")
+    run("flip", 1, 0.88, 0.62, 1200.0, "C")
+    run("ema", 1, 0.85, 0.64, 900.0, "B")
+    text = report.ferplus_levers(tmp_path, results)
+    assert "at 30 epochs (reduced budget), scored on the validation split" in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| Lever")}
+    flip = rows["horizontal flip"]
+    assert flip[2] == "0.8650 ± 0.0212 (n=2)"
+    # Gains paired by seed: (0.85 - 0.84 + 0.88 - 0.86) / 2 = +1.50 points; macro F1 (0.03 + 0.00) / 2.
+    assert flip[4:7] == ["+1.50 (2 seeds)", "+1.50 (2 seeds)", "1.50x"]  # wall: seed 0 only, both on A
+    assert flip[7] == "1,350"
+    assert rows["weight EMA"][4:7] == ["-1.00 (1 seed)", "+2.00 (1 seed)", "0.82x"]
+    assert rows["none (the paper's recipe)"][4:7] == ["-", "-", "-"]
+    assert rows["mixup"][2] == "not run yet"
+    assert all((tmp_path / t).is_file() for t in link_targets(text) if t.endswith(".json"))
+    index = report.index(tmp_path, results / "README.md", results)
+    assert "FER+ recipe levers beyond the paper" in index
+    assert index.index("FER+ recipe levers beyond the paper") < index.index("| study | budget | results |")
+
+
 def test_a_reduced_budget_runs_the_full_settings_at_fewer_epochs_into_its_own_mode(tmp_path, capsys):
     common.main(table2_lr.STUDY, ["--dataset", "ckplus", "--manual_dir", "/data/ck", "--epochs", "25",
                                   "--rows", "table1", "--dry_run", "--scratch", str(tmp_path)])

@@ -165,9 +165,50 @@ def ckplus_tables_2_3(relative_to: Path, results_root: Path = common.RESULTS) ->
     return "\n\n".join(blocks) if blocks else None
 
 
+def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> str | None:
+    """The FER+ recipe-lever ablation at the full budget, compact: each lever's validation accuracy
+    and macro F1, its gain over the paper's recipe with the seeds paired, and its cost in wall time
+    (`recipe_levers`; the whole table is linked). None while no lever has been run."""
+    study = recipe_levers.STUDY
+    base = results_root / study.name / "full"
+    found = {row.name: common.row_results(base / f"ferplus-{row.name}") for row in study.rows}
+    if not any(paths for name, paths in found.items() if name != study.baseline):
+        return None
+    summaries = {name: common.summarize([common.load_json(p) for p in paths], paths)
+                 for name, paths in found.items() if paths}
+    reference = summaries.get(study.baseline)
+    lines = []
+    for row in study.rows:
+        s = summaries.get(row.name)
+        if s is None:
+            lines.append([*row.cells, "not run yet", "", "", "", "", "", ""])
+            continue
+        gains = (["-", "-", "-"] if row.name == study.baseline or reference is None
+                 else common.gain_cells(s, reference))
+        links = " ".join(common.link(p.parent.name.replace("_", " "), p, relative_to) for p in s.paths)
+        lines.append([*row.cells, common.format_mean_std(s.accuracy), common.format_mean_std(s.macro_f1),
+                      *gains, f"{sum(s.wall_seconds) / len(s.wall_seconds):,.0f}" if s.wall_seconds
+                      else "-", links])
+    epochs = next(iter(summaries.values())).epochs
+    return (f"FER+ recipe levers beyond the paper, each alone against the paper's recipe at "
+            f"{epochs:g} epochs (reduced budget), scored on the validation split, which also picks each "
+            "run's best epoch; the test split is never used. A gain is over the baseline run of the "
+            "same seed, averaged over the seeds both have (their count in brackets); on 3,191 "
+            "validation images 0.3 points is noise. The levers that pay go into "
+            "configs/ferplus_plus.py. A lever's cost: wall seconds per run, on whichever CPU each run had, "
+            "and its wall time against the baseline's, paired only where both ran on the same CPU "
+            "(\"-\" where none did). "
+            f"(`python -m experiments.paper.recipe_levers --manual_dir DIR`; "
+            f"{common.link('whole table', base / 'table.md', relative_to)}.)\n\n"
+            + common.markdown_table(
+                [*study.row_headers, "Val. accuracy", "Macro F1", "Gain: acc. (points)",
+                 "Gain: macro F1 (points)", "Wall vs baseline", "Wall s / run", "Results"], lines))
+
+
 def index(relative_to: Path, tables: Path, results_root: Path = common.RESULTS) -> str:
-    """The CK+ headline (`ckplus_results`) and Tables 2-3's CK+ rows (`ckplus_tables_2_3`), then one
-    line per study with results (full before quick), linked to its table and to `tables`."""
+    """The CK+ headline (`ckplus_results`), Tables 2-3's CK+ rows (`ckplus_tables_2_3`) and the FER+
+    lever ablation (`ferplus_levers`), then one line per study with results (full before quick),
+    linked to its table and to `tables`."""
 
     def row(title: str, mode: str, folder: Path | None) -> str:
         table = folder / "table.md" if folder else tables
@@ -186,7 +227,8 @@ def index(relative_to: Path, tables: Path, results_root: Path = common.RESULTS) 
                          "Quick rows are tiny-budget runs that check each study end to end, not "
                          "evidence for or against the paper."]) + "\n"
     ckplus = [text for text in (ckplus_results(relative_to, results_root),
-                                ckplus_tables_2_3(relative_to, results_root)) if text]
+                                ckplus_tables_2_3(relative_to, results_root),
+                                ferplus_levers(relative_to, results_root)) if text]
     return "".join(f"{text.rstrip()}\n\n" for text in ckplus) + studies
 
 
