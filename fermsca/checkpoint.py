@@ -22,9 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fermsca import perf
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
-CONV_DTYPES = ("float32", "bfloat16")  # config_schema's `model.conv_dtype`
 
 
 class CheckpointError(RuntimeError):
@@ -258,8 +259,8 @@ def write_release(path: str, output: str, conv_dtype: str | None = None) -> str:
     operands; the metadata keeps the run's as `trained_conv_dtype`. None keeps the run's."""
     variables, meta = load_checkpoint(path)
     if conv_dtype is not None:
-        if conv_dtype not in CONV_DTYPES:
-            raise CheckpointError(f"conv_dtype must be one of {CONV_DTYPES}, got {conv_dtype!r}")
+        if conv_dtype not in perf.CONV_DTYPES:
+            raise CheckpointError(f"conv_dtype must be one of {perf.CONV_DTYPES}, got {conv_dtype!r}")
         config = json.loads(meta["config"])
         model = config.setdefault("model", {})
         meta["trained_conv_dtype"] = model.get("conv_dtype", "float32")
@@ -284,7 +285,7 @@ def main() -> None:
         description="Write a checkpoint's inference weights (no optimiser state) for release.")
     parser.add_argument("--checkpoint", required=True, help="workdir, checkpoints/ or best/ folder")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--conv_dtype", choices=CONV_DTYPES, default=None,
+    parser.add_argument("--conv_dtype", choices=perf.CONV_DTYPES, default=None,
                         help="precision of the released model's convolutions (default: the run's)")
     args = parser.parse_args()
     print(write_release(args.checkpoint, args.output, args.conv_dtype))

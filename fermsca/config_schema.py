@@ -98,7 +98,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "model.se_reduction": _at_least(1),
     "model.dropout_rate": _fraction,
     "model.dtype": _one_of(*DTYPES),
-    "model.conv_dtype": _one_of("float32", "bfloat16"),
+    "model.conv_dtype": _one_of(*perf.CONV_DTYPES),
     "model.conv_impl": _one_of(*perf.CONV_IMPLS),
     "loss": _one_of(*losses.LOSSES),
     "label_smoothing": _fraction,

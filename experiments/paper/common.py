@@ -257,6 +257,12 @@ def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Su
     )
 
 
+def row_summary(row_dir: Path) -> Summary | None:
+    """The `summarize` of a row directory's results (`row_results`); None where it has none."""
+    paths = row_results(row_dir)
+    return summarize([load_json(p) for p in paths], paths) if paths else None
+
+
 PROTOCOLS = {  # CK+ config.dataset.protocol, as the tables name it
     "kfold": "subject-independent {folds}-fold cross-validation",
     "random": "image-level random {folds}-fold cross-validation",
@@ -351,8 +357,7 @@ def rows_within(study: Study, mode: str, dataset: str, points: float, names: Seq
     is kept (nothing is known of it). For a second seed only where one seed's gain is too small to
     trust."""
     def summary(row_name: str) -> Summary | None:
-        paths = row_results(results_root / study.name / mode / f"{dataset}-{row_name}")
-        return summarize([load_json(p) for p in paths], paths) if paths else None
+        return row_summary(results_root / study.name / mode / f"{dataset}-{row_name}")
 
     reference = summary(study.baseline)
     if reference is None:
@@ -378,14 +383,10 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
     relative_to = base if relative_to is None else relative_to
     blocks = []
     for dataset in study.datasets:
-        row_dirs = {row.name: row_dir(row, results_root, study.name, mode, dataset) for row in study.rows}
-        found = {row.name: row_results(row_dirs[row.name]) for row in study.rows}
         if not any(row_results(base / f"{dataset}-{row.name}") for row in study.rows):
             continue  # rows shown from another study alone do not make a table
-        reference = None
-        if study.baseline is not None and found[study.baseline]:
-            paths = found[study.baseline]
-            reference = summarize([load_json(p) for p in paths], paths)
+        row_dirs, summaries = row_summaries(study, mode, dataset, results_root)
+        reference = summaries.get(study.baseline)
         gains = (["Gain: acc. (points)", "Gain: macro F1 (points)", "Wall vs baseline"]
                  if reference else [])
         headers = [*study.row_headers, "Accuracy", "Macro F1", *gains, "Best val. acc.",
@@ -393,15 +394,14 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
                    "Results"]
         lines, setup = [], None
         for row in study.rows:
-            paths = found[row.name]
+            s = summaries.get(row.name)
             paper = [f"{row.paper[k]:.4f}" if k in row.paper else "-" for k, _ in study.paper_columns]
-            if not paths:
+            if s is None:
                 lines.append([*row.cells, "not run", "", *([""] * len(gains)), "", "", "", "",
                               *paper, ""])
                 continue
-            results = [load_json(p) for p in paths]
-            setup = setup or setup_line(results[0])
-            s = summarize(results, paths)
+            paths = s.paths
+            setup = setup or setup_line(load_json(paths[0]))
             gain = [] if reference is None else (["-", "-", "-"] if row.name == study.baseline
                                                  else gain_cells(s, reference))
             if len(paths) == 1:
@@ -441,6 +441,14 @@ def row_dir(row: Row, results_root: Path, study: str, mode: str, dataset: str) -
         return own
     other = results_root / row.same_as[0] / mode / f"{dataset}-{row.same_as[1]}"
     return other if row_results(other) else own
+
+
+def row_summaries(study: Study, mode: str, dataset: str,
+                  results_root: Path = RESULTS) -> tuple[dict[str, Path], dict[str, Summary]]:
+    """Each row's results directory (`row_dir`) and, for the rows with results, their summary."""
+    row_dirs = {row.name: row_dir(row, results_root, study.name, mode, dataset) for row in study.rows}
+    summaries = {name: s for name, d in row_dirs.items() if (s := row_summary(d)) is not None}
+    return row_dirs, summaries
 
 
 def pooled_table(study: Study, rows: Sequence[tuple[Row, Path]], relative_to: Path) -> str | None:

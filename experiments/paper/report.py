@@ -171,11 +171,9 @@ def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> st
     (`recipe_levers`; the whole table is linked). None while no lever has been run."""
     study = recipe_levers.STUDY
     base = results_root / study.name / "full"
-    found = {row.name: common.row_results(base / f"ferplus-{row.name}") for row in study.rows}
-    if not any(paths for name, paths in found.items() if name != study.baseline):
+    _, summaries = common.row_summaries(study, "full", "ferplus", results_root)
+    if not set(summaries) - {study.baseline}:
         return None
-    summaries = {name: common.summarize([common.load_json(p) for p in paths], paths)
-                 for name, paths in found.items() if paths}
     reference = summaries.get(study.baseline)
     lines = []
     for row in study.rows:

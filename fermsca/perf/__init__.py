@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # config.model.conv_impl: "auto" (oneDNN where it can run, see `resolve_conv_impl`), "xla" or "onednn".
 # The paths share parameters and mathematics; only the speed differs.
 CONV_IMPLS = ("auto", "xla", "onednn")
+CONV_DTYPES = ("float32", "bfloat16")  # config.model.conv_dtype: the convolutions' operand precision
 ONEDNN_DTYPES = ("float32", "bfloat16")  # config.model.dtype values the oneDNN convolutions take
 
 
