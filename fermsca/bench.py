@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fermsca import cli, hostenv
+from fermsca import cli, hostenv, perf
 from fermsca.perf import hugepages
 
 
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--conv_dtype", default="float32", choices=["float32", "bfloat16"],
+    parser.add_argument("--conv_dtype", default="float32", choices=perf.CONV_DTYPES,
                         help="config.model.conv_dtype: bfloat16 convolution operands in a float32 model")
     parser.add_argument("--conv_impl", default="xla", choices=["xla", "onednn"])
     parser.add_argument("--no_matmul", action="store_true", help="skip the matmul reference")
