@@ -1,7 +1,7 @@
 """Scores a checkpoint on a dataset split: accuracy, per-class accuracy, macro F1, confusion matrix.
 
     python -m fermsca.evaluate --checkpoint DIR [--split test|validation] [--manual_dir DIR]
-        [--data_dir DIR] [--tta] [--output FILE]
+        [--data_dir DIR] [--tta [--tta_shift PIXELS]] [--output FILE]
 
 The model and the dataset come from the checkpoint's own config; `--manual_dir` and `--data_dir`
 replace the config's, so the released FER+ weights can be scored on a local `FER2013Test/` folder.
@@ -59,12 +59,17 @@ def evaluate_split(classify: Callable[[np.ndarray], np.ndarray], split: Any,
 
 
 def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = None,
-        data_dir: str | None = None, tta: bool = False, output: str | None = None,
+        data_dir: str | None = None, tta: bool = False,
+        tta_shift: int = inference.DEFAULT_TTA_SHIFT, output: str | None = None,
         batch_size: int = 256, rebuild_data: bool = False) -> dict:
     """Evaluates a checkpoint on a split of its dataset; writes `output` (JSON) and a PNG beside it.
 
+    With `tta`, the probabilities are averaged over `inference.tta_views(images, tta_shift)`: the
+    image and its mirror, each also shifted by `tta_shift` pixels (0: the mirror only).
     `output` defaults to `default_output(...)` in the current directory.
     """
+    if tta_shift < 0:
+        raise ValueError(f"--tta_shift {tta_shift}: expected a number of pixels >= 0")
     from fermsca import config_schema, datasets  # TF and TFDS: only when a dataset is read
 
     loaded = inference.load(checkpoint_path)
@@ -87,17 +92,22 @@ def run(checkpoint_path: str, *, split: str = "test", manual_dir: str | None = N
     if tuple(data.class_names) != loaded.class_names:
         raise ValueError(f"dataset {data.name} classes {list(data.class_names)} differ from the "
                          f"checkpoint's {list(loaded.class_names)}")
-    classifier = loaded.classifier(tta=tta, batch_size=batch_size)
+    classifier = loaded.classifier(tta=tta, tta_shift=tta_shift, batch_size=batch_size)
     metrics = evaluate_split(classifier, data.splits[split], loaded.class_names)
     results = {"checkpoint": loaded.path, "step": loaded.step, "dataset": data.name,
                "split": split, "source": data.source, "tta": tta,
+               **({"tta_views": inference.num_tta_views(tta_shift), "tta_shift": tta_shift}
+                  if tta else {}),
                "class_names": list(loaded.class_names), **metrics}
-    write_results(results, output or default_output(data.name, split, tta))
+    write_results(results, output or default_output(data.name, split, tta, tta_shift))
     return results
 
 
-def default_output(dataset: str, split: str, tta: bool) -> str:
-    return f"eval_{dataset}_{split}{'_tta' if tta else ''}.json"
+def default_output(dataset: str, split: str, tta: bool,
+                   tta_shift: int = inference.DEFAULT_TTA_SHIFT) -> str:
+    suffix = "" if not tta else "_tta" if tta_shift == inference.DEFAULT_TTA_SHIFT \
+        else f"_tta_shift{tta_shift}"
+    return f"eval_{dataset}_{split}{suffix}.json"
 
 
 def write_results(results: dict, output: str) -> str:
@@ -107,15 +117,22 @@ def write_results(results: dict, output: str) -> str:
     with open(output, "w") as f:
         json.dump(results, f, indent=2)
     figure = os.path.splitext(output)[0] + ".png"
-    title = (f"{results['dataset']} {results['split']}{' (TTA)' if results['tta'] else ''}, "
-             f"acc {results['accuracy']:.4f}")
+    tta = f" ({tta_label(results)})" if results["tta"] else ""
+    title = f"{results['dataset']} {results['split']}{tta}, acc {results['accuracy']:.4f}"
     report.plot_confusion_matrix(np.asarray(results["confusion_matrix"]),
                                  results["class_names"], figure, title=title)
     return figure
 
 
+def tta_label(results: dict) -> str:
+    """'TTA, 10 views' (or 'TTA' for results that predate `tta_views`)."""
+    views = results.get("tta_views")
+    return f"TTA, {views} views" if views else "TTA"
+
+
 def summary_line(results: dict, output: str) -> str:
-    return (f"{results['dataset']} {results['split']}{' TTA' if results['tta'] else ''}: "
+    tta = f" {tta_label(results)}" if results["tta"] else ""
+    return (f"{results['dataset']} {results['split']}{tta}: "
             f"accuracy {results['accuracy']:.4f}, macro F1 {results['macro_f1']:.4f} on "
             f"{results['num_examples']} examples -> {output}")
 
@@ -129,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data_dir", help="TFDS data directory (replaces the checkpoint config's)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over flips and small shifts")
+    p.add_argument("--tta_shift", type=int, default=inference.DEFAULT_TTA_SHIFT,
+                   help="with --tta: the shift in pixels of the shifted views (0: the image and "
+                        f"its mirror only; default {inference.DEFAULT_TTA_SHIFT})")
     p.add_argument("--output", help="results JSON (default eval_<dataset>_<split>[_tta].json); "
                                     "the confusion matrix PNG is written beside it")
     p.add_argument("--rebuild_data", action="store_true",
@@ -136,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
+    if args.tta_shift != inference.DEFAULT_TTA_SHIFT and not args.tta:
+        p.error("--tta_shift goes with --tta")
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # TF only reads data: accelerators stay JAX's
@@ -143,10 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         results = run(args.checkpoint, split=args.split, manual_dir=args.manual_dir,
-                      data_dir=args.data_dir, tta=args.tta, output=args.output,
+                      data_dir=args.data_dir, tta=args.tta, tta_shift=args.tta_shift,
+                      output=args.output,
                       batch_size=args.batch_size, rebuild_data=args.rebuild_data)
         output = args.output or default_output(results["dataset"], results["split"],
-                                               results["tta"])
+                                               results["tta"], args.tta_shift)
         print(summary_line(results, output))
         return 0
 

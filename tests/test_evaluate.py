@@ -113,7 +113,33 @@ def test_run_writes_json_and_figure_and_overrides_data_dirs(workdir, tmp_path, m
     expected = np.mean(tta(split.images).argmax(-1) == split.targets.argmax(-1))
     assert results["accuracy"] == pytest.approx(expected)
     line = capsys.readouterr().out
-    assert line.startswith("ferplus test TTA: accuracy ") and str(output) in line
+    assert line.startswith("ferplus test TTA, 10 views: accuracy ") and str(output) in line
+    assert results["tta_views"] == 10 and results["tta_shift"] == inference.DEFAULT_TTA_SHIFT
+
+
+def test_tta_shift_zero_averages_the_image_and_its_mirror(workdir, tmp_path, monkeypatch):
+    split = tiny_split()
+    monkeypatch.setattr(datasets, "load", fake_loader([], split), raising=False)
+    monkeypatch.chdir(tmp_path)
+    results = evaluate.run(workdir, tta=True, tta_shift=0)
+    assert results["tta_views"] == 2 and results["tta_shift"] == 0
+    assert (tmp_path / "eval_ferplus_test_tta_shift0.json").exists()
+    # Independent of tta_views: the softmax of the image and of its mirror, averaged by hand.
+    loaded = inference.load(workdir)
+    plain = loaded.classifier(tta=False)
+    probs = (np.asarray(plain(split.images)) + np.asarray(plain(split.images[:, :, ::-1, :]))) / 2
+    expected = np.mean(probs.argmax(-1) == split.targets.argmax(-1))
+    assert results["accuracy"] == pytest.approx(expected)
+
+
+def test_tta_shift_needs_tta_and_a_non_negative_shift(workdir, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", workdir, "--tta_shift", "0"])
+    assert "--tta_shift goes with --tta" in capsys.readouterr().err
+    monkeypatch.setattr(datasets, "load", fake_loader([], tiny_split(8)), raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--tta_shift -1"):
+        evaluate.run(workdir, tta=True, tta_shift=-1)
 
 
 def test_run_keeps_the_config_data_dirs_by_default(workdir, tmp_path, monkeypatch):
