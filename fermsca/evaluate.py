@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tta_shift", type=int, default=inference.DEFAULT_TTA_SHIFT,
                    help="with --tta: the shift in pixels of the shifted views (0: the image and "
                         f"its mirror only; default {inference.DEFAULT_TTA_SHIFT})")
-    p.add_argument("--output", help="results JSON (default eval_<dataset>_<split>[_tta].json); "
+    p.add_argument("--output", help="results JSON (default eval_<dataset>_<split>[_tta|_tta_shiftN]"
+                                    ".json); "
                                     "the confusion matrix PNG is written beside it")
     p.add_argument("--rebuild_data", action="store_true",
                    help="rebuild the stored dataset from --manual_dir (after the raw files changed)")
@@ -158,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tta_shift != inference.DEFAULT_TTA_SHIFT and not args.tta:
         p.error("--tta_shift goes with --tta")
+    if args.tta_shift < 0:
+        p.error(f"--tta_shift {args.tta_shift}: expected a number of pixels >= 0")
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # TF only reads data: accelerators stay JAX's

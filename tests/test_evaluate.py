@@ -136,6 +136,9 @@ def test_tta_shift_needs_tta_and_a_non_negative_shift(workdir, tmp_path, monkeyp
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", workdir, "--tta_shift", "0"])
     assert "--tta_shift goes with --tta" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", workdir, "--tta", "--tta_shift", "-1"])
+    assert "--tta_shift -1: expected a number of pixels >= 0" in capsys.readouterr().err
     monkeypatch.setattr(datasets, "load", fake_loader([], tiny_split(8)), raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="--tta_shift -1"):
