@@ -154,6 +154,7 @@ def load_config(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path}: no such config file (run from the repository root, "
                                 "or give the path of a config file)")
+    cli.config_package_on_path(path)
     spec = importlib.util.spec_from_file_location("_bench_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

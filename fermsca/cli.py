@@ -11,10 +11,11 @@ Exit statuses (README, "When things go wrong"):
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 EXIT_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
@@ -26,6 +27,34 @@ class ConfigError(ValueError):
 
 class Preempted(Exception):  # noqa: N818 - an event, not a failure
     """SIGTERM arrived; what could be saved was saved."""
+
+
+def flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The last value of `--name VALUE` or `--name=VALUE` in `argv` (None when absent)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def config_package_on_path(config_path: str | None) -> None:
+    """Puts the folder above a config file's `configs` package first on `sys.path`.
+
+    Config files import their siblings (`from configs import default`, as in the Flax examples), so
+    without this a command works only from the repository root; with it, from any folder. Entry
+    points call it before parsing flags: ml_collections loads the config file while parsing them.
+    """
+    if not config_path:
+        return
+    folder = os.path.dirname(os.path.abspath(config_path.split(":", 1)[0]))  # `file.py:arg` is allowed
+    if os.path.basename(folder) == "configs" and os.path.isfile(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
 
 
 def anticipated_errors() -> tuple[type[BaseException], ...]:

@@ -116,4 +116,5 @@ def main(argv):
 
 if __name__ == "__main__":
     hugepages.ensure()
+    cli.config_package_on_path(cli.flag_value(sys.argv, "config"))
     app.run(main)

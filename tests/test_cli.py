@@ -76,3 +76,39 @@ def test_main_refuses_a_repeated_override(tmp_path):
     assert proc.returncode != 0
     assert "--config.model.widths given more than once" in proc.stderr
 
+
+
+def test_flag_value_takes_either_form_and_the_last():
+    assert cli.flag_value(["prog", "--config", "a.py", "--workdir=w"], "config") == "a.py"
+    assert cli.flag_value(["prog", "--config=a.py", "--config=b.py:x"], "config") == "b.py:x"
+    assert cli.flag_value(["prog", "--config.seed=1"], "config") is None
+    assert cli.flag_value(["prog", "--config"], "config") is None
+
+
+def test_config_package_on_path_only_for_a_configs_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    cli.config_package_on_path(os.path.join(REPO, "configs", "ferplus.py") + ":arg")
+    assert sys.path[0] == REPO
+    (tmp_path / "loose.py").write_text("")
+    cli.config_package_on_path(str(tmp_path / "loose.py"))  # no `configs` package: unchanged
+    cli.config_package_on_path(None)
+    assert sys.path[0] == REPO and str(tmp_path) not in sys.path
+
+
+def test_config_files_load_from_any_folder(tmp_path):
+    # `from configs import default` inside a config file, outside the repository root: what
+    # `python -m fermsca.main --config /path/to/configs/ferplus.py` relies on (it parses flags the same way).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = ("import sys\nfrom absl import flags\nfrom ml_collections import config_flags\n"
+              "from fermsca import cli\ncli.config_package_on_path(cli.flag_value(sys.argv, 'config'))\n"
+              "config_flags.DEFINE_config_file('config')\nflags.FLAGS(sys.argv)\n"
+              "print(flags.FLAGS.config.dataset.name, flags.FLAGS.config.num_epochs)\n")
+    cmd = [sys.executable, "-c", script, "--config", os.path.join(REPO, "configs", "ferplus_plus.py")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ferplus", "60"]
+    # Without the helper the same command fails: the check above is not vacuous.
+    bare = subprocess.run([sys.executable, "-c", script.replace("cli.config_package_on_path", "len"),
+                           "--config", os.path.join(REPO, "configs", "ferplus_plus.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and "No module named 'configs'" in bare.stderr

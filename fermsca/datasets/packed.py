@@ -174,8 +174,14 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app, flags
     from ml_collections import config_flags
+
+    from fermsca import cli
+
+    cli.config_package_on_path(cli.flag_value(sys.argv, "config"))
 
     config_flags.DEFINE_config_file("config", None, "Config file whose `dataset` is packed.",
                                     lock_config=True)
