@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +66,37 @@ def brief(error: BaseException, limit: int = 200) -> str:
     if len(first) > limit:
         first = first[:limit] + "..."
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+# What Orbax's concurrent array reads leave behind when one of them fails: it raises the first
+# error, closes its event loop, and the reads still in flight then fail again in the background.
+_READ_AFTERMATH = ("Encountered error while reading array index", "Event loop is closed",
+                   "Task exception was never retrieved")
+
+
+class _ReadAftermathFilter(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith(_READ_AFTERMATH)
+
+
+def _quiet_read_aftermath() -> None:
+    """Drops the tracebacks of a failed restore's other reads (asyncio's "Task exception was never
+    retrieved", TensorStore callbacks on the closed loop): hundreds of lines around the one-line
+    error that names the checkpoint. Installed once, after the first failed read; other errors
+    and warnings pass."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ReadAftermathFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_ReadAftermathFilter())
+    previous = sys.unraisablehook
+    if getattr(previous, "_fermsca_read_aftermath", False):
+        return
+
+    def hook(unraisable):
+        if not str(unraisable.exc_value).startswith(_READ_AFTERMATH):
+            previous(unraisable)
+
+    hook._fermsca_read_aftermath = True
+    sys.unraisablehook = hook
 
 
 def _manager(directory: str, keep: int, best: bool, asynchronous: bool) -> ocp.CheckpointManager:
@@ -137,6 +169,7 @@ class RunCheckpoints:
                         raise
                     problem = str(e)
                 except Exception as e:  # noqa: BLE001 - any read failure means a corrupt checkpoint
+                    _quiet_read_aftermath()
                     problem = brief(e)
                 else:
                     if manager is self.best:
@@ -242,6 +275,7 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), found)
             state = ckptr.restore(state_dir, target)
     except Exception as e:  # noqa: BLE001
+        _quiet_read_aftermath()
         raise CheckpointError(f"{step_dir}/state: corrupt or unreadable checkpoint "
                               f"({brief(e)})") from e
     # A run trained with config.ema_decay > 0 keeps the weight average that it evaluated with.

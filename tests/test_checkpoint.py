@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +160,25 @@ def test_brief():
     assert checkpoint.brief(ValueError("one\ntwo")) == "ValueError: one"
     assert checkpoint.brief(OSError("x" * 300)) == "OSError: " + "x" * 200 + "..."
     assert checkpoint.brief(KeyError()) == "KeyError"
+
+
+def test_a_failed_restore_quiets_only_its_own_aftermath(monkeypatch, caplog):
+    """Orbax raises a corrupt checkpoint's first read error; the reads still in flight then fail
+    in the background (unraisable errors, asyncio's 'never retrieved' log). After the first failure
+    those are dropped, and only those."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", [])
+    checkpoint._quiet_read_aftermath()
+    checkpoint._quiet_read_aftermath()  # idempotent: one hook, one filter
+    assert len(asyncio_log.filters) == 1
+    for error in (RuntimeError("Event loop is closed"),
+                  Exception("Encountered error while reading array index: (slice(0, 8, 1),)"),
+                  ValueError("a different problem")):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+    assert seen == ["a different problem"]
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished ...>")
+        asyncio_log.error("Unclosed client session")
+    assert [r.getMessage() for r in caplog.records] == ["Unclosed client session"]
