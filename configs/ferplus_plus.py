@@ -7,10 +7,11 @@ a point of validation accuracy on one seed, or gains on each of two seeds (small
 noise on 3,191 images); macro F1 counts too, since disgust, contempt and fear are rare. The same
 study's `recipe` row trains exactly this config's changes together, at the study's budget.
 
-The budget here is 60 epochs (Table 1 scaled to them); `--config.num_epochs=200` is the paper's.
-The test split is never used to choose a lever or a checkpoint. At 60 epochs, seed 0, it reached
-0.8678 validation accuracy, macro F1 0.734 (experiments/results/ferplus_plus_e60: the released
-weights).
+The budget here is 60 epochs; `--config.num_epochs=200` is the paper's. The test split is never
+used to choose a lever or a checkpoint. The released weights (experiments/results/ferplus_plus_e60:
+0.8678 validation accuracy, macro F1 0.734, 60 epochs, seed 0) were trained before the schedule
+joined, with soft labels alone: `--config.optimizer.schedule=table1 --config.optimizer.warmup_epochs=0`
+gives that recipe back. This config as it stands has not been trained at 60 epochs yet.
 """
 
 from configs import ferplus
@@ -21,6 +22,12 @@ def get_config():
     # Gains of each lever alone over the paper's recipe at 30 epochs, validation accuracy / macro F1
     # in points, and the seeds they come from.
     c.dataset.label_mode = "crossentropy"  # FER+ soft labels: +1.13 / +6.03 (seed 0)
+    # Linear warm-up for 2 epochs, then cosine decay to 0, in place of Table 1's steps (which, scaled
+    # to a short budget, spend its last 40% at <= 1e-5): +0.44 / +2.93 (+0.44 on each of seeds 0, 1).
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.warmup_epochs = 2
     # Not joined: horizontal flip, +0.22 / +0.30 over seeds 0 and 1, but -0.12 accuracy on seed 1.
+    # Class-balanced loss (p = 0.5): macro F1 +10.78 but accuracy -1.07 (seed 0); the accuracy goal
+    # rules it out here, and `--config.class_weighting=0.5` is there for macro F1.
     c.num_epochs = 60
     return c
