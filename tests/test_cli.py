@@ -77,7 +77,6 @@ def test_main_refuses_a_repeated_override(tmp_path):
     assert "--config.model.widths given more than once" in proc.stderr
 
 
-
 def test_flag_value_takes_either_form_and_the_last():
     assert cli.flag_value(["prog", "--config", "a.py", "--workdir=w"], "config") == "a.py"
     assert cli.flag_value(["prog", "--config=a.py", "--config=b.py:x"], "config") == "b.py:x"
