@@ -16,8 +16,8 @@ from fermsca import checkpoint, inference
 
 CLASS_NAMES = tiny_run.CLASS_NAMES
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Logits of the released FER+ weights (step 7412) on `faces_batch(8)`, computed by the code of commit
-# bf0fe0b (inference.load, XLA convolutions): the guard that the released weights keep their behaviour.
+# Logits of the released FER+ weights (step 9810) on `faces_batch(8)`, computed by the code of commit
+# bfca256 (inference.load, XLA convolutions): the guard that the released weights keep their behaviour.
 RELEASED_LOGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                "released_ferplus_logits.npz")
 # The same for the released CK+ weights, computed by commit 5fe5c58's inference.load (XLA convolutions).
@@ -68,12 +68,14 @@ def test_released_weights_give_the_pinned_logits(released, conv_impl):
     assert model.class_names == tuple(CLASS_NAMES)
     got = model.logits(images)
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, pinned["logits"], rtol=0, atol=1e-5)
+    # Logits reach 10 in size: oneDNN sums the convolutions in another order than XLA, which moves
+    # them by up to ~1e-5 (about 10 float32 steps at that size), hence the relative term.
+    np.testing.assert_allclose(got, pinned["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_released_weights_are_package_data():
     assert inference.RELEASED_FERPLUS == os.path.join(REPO, "fermsca", "released", "ferplus")
-    assert checkpoint.find_checkpoint(inference.RELEASED_FERPLUS)[1] == 7412
+    assert checkpoint.find_checkpoint(inference.RELEASED_FERPLUS)[1] == 9810
     assert inference.RELEASED_CKPLUS == os.path.join(REPO, "fermsca", "released", "ckplus")
     assert checkpoint.find_checkpoint(inference.RELEASED_CKPLUS)[1] == 28000
 

@@ -49,8 +49,9 @@ PUBLISHED = (
 )
 
 DEFAULT_SOURCES = (
-    "experiments/results/ferplus_plus_e60/results.json",  # the released weights
-    "experiments/results/recipe_levers/full/ferplus-labels_crossentropy",  # released before
+    "experiments/results/ferplus_plus_e60_cosine/results.json",  # the released weights
+    "experiments/results/ferplus_plus_e60/results.json",  # released before
+    "experiments/results/recipe_levers/full/ferplus-labels_crossentropy",  # released before that
     "experiments/results/ferplus_cpu_30/results.json",
     "experiments/results/ferplus_cpu/results.json",
     "experiments/results/table3_ablation/full/ferplus-se1_bn1",
