@@ -134,8 +134,12 @@ def test_recipe_levers_change_one_thing_each_at_the_stated_budget(capsys):
     assert study.rows[-1].name == "recipe"
     two_fields = {"warmup_cosine": {"optimizer.schedule", "optimizer.warmup_epochs"},
                   "wider": {"model.stem_width", "model.widths"}}
-    for row in levers:  # one lever per row
-        assert len(row.overrides) == 1 or set(row.overrides) == two_fields[row.name]
+    rows = {r.name: r for r in study.rows}
+    for row in levers:  # one lever per row, over the row it is measured against
+        reference = rows[row.against].overrides if row.against else {}
+        assert reference.items() <= row.overrides.items()
+        lever = set(row.overrides) - set(reference)
+        assert len(lever) == 1 or lever == two_fields[row.name]
         config = ferplus.get_config()
         config.update_from_flattened_dict(dict(row.overrides))
         config_schema.validate(config)  # every lever is a valid config
@@ -388,11 +392,90 @@ def test_a_second_seed_goes_only_to_levers_whose_gain_is_too_small_to_trust(tmp_
     # flip +1.2 and adamw -0.95 points: ema +0.5 and adamw are within a point; mixup -1.0 is on the edge
     kept = common.rows_within(study, "full", "ferplus", 1.0, names, results_root=tmp_path)
     assert kept == ["baseline", "labels_crossentropy", "labels_probability", "label_smoothing",
-                    "mixup", "ema", "warmup_cosine", "adamw", "class_weighting", "wider",
-                    "conv_bfloat16", "recipe"]  # rows not run yet are kept: nothing is known of them
+                    "mixup", "ema", "warmup_cosine", "adamw", "class_weighting",
+                    "conv_bfloat16", "wider", "recipe"]  # rows not run yet are kept: nothing is known
     assert "flip" not in kept
     assert common.rows_within(study, "full", "ferplus", 0.6, ["flip", "ema", "adamw"],
                               results_root=tmp_path) == ["ema"]
+    # `wider` is measured against the bfloat16 row: +0.3 over it is within a point, -1.5 over the
+    # baseline would not be.
+    write(base / "ferplus-conv_bfloat16" / "seed_0", fake_results(0.822, "ferplus", split="validation"))
+    write(base / "ferplus-wider" / "seed_0", {**fake_results(0.825, "ferplus", split="validation"),
+                                              "config": WIDER_CONFIG})
+    assert common.rows_within(study, "full", "ferplus", 1.0, ["wider"], results_root=tmp_path) == ["wider"]
+    write(base / "ferplus-conv_bfloat16" / "seed_0", fake_results(0.840, "ferplus", split="validation"))
+    assert common.rows_within(study, "full", "ferplus", 1.0, ["wider"], results_root=tmp_path) == []
+
+
+WIDER_CONFIG = {"model": {"stem_width": 96, "widths": [96, 192, 384], "conv_dtype": "bfloat16"},
+                "batch_size": 128}
+
+
+def test_a_costly_lever_is_measured_against_the_row_it_trains_beside(tmp_path):
+    from experiments.paper import recipe_levers
+
+    study = recipe_levers.STUDY
+    wider = next(r for r in study.rows if r.name == "wider")
+    assert wider.against == "conv_bfloat16" and wider.overrides == {
+        "model.stem_width": 96, "model.widths": (96, 192, 384), "model.conv_dtype": "bfloat16"}
+    base = tmp_path / study.name / "full"
+    for row, acc, f1, wall in (("baseline", 0.85, 0.60, 100.0), ("conv_bfloat16", 0.84, 0.62, 40.0),
+                               ("wider", 0.86, 0.61, 90.0)):
+        write(base / f"ferplus-{row}" / "seed_0",
+              {**fake_results(acc, "ferplus", split="validation", macro_f1=f1), "wall_time_seconds": wall,
+               **({"config": WIDER_CONFIG} if row == "wider" else {})})
+    text = common.study_table(study, "full", results_root=tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith("| wider network"))
+    # +2.00 / -1.00 points and 2.25x over the bfloat16 row, not +1.00 / +1.00 / 0.90x over the baseline
+    assert ("| +2.00 (1 seed, against bfloat16 convolutions) | -1.00 (1 seed, against bfloat16 "
+            "convolutions) | 2.25x |") in line
+    bf16 = next(x for x in text.splitlines() if x.startswith("| bfloat16 convolutions"))
+    assert "| -1.00 (1 seed) | +2.00 (1 seed) | 0.40x |" in bf16
+    # Without the bfloat16 row's results there is nothing to measure `wider` against.
+    shutil.rmtree(base / "ferplus-conv_bfloat16")
+    line = next(x for x in common.study_table(study, "full", results_root=tmp_path).splitlines()
+                if x.startswith("| wider network"))
+    assert "| 0.8600 | 0.6100 | - | - | - |" in line
+    with pytest.raises(ValueError, match="row 'b' is measured against 'c', which is not one of its rows"):
+        common.Study("s", "S", ("x",), (common.Row("a", ("a",), {}),
+                                         common.Row("b", ("b",), {}, against="c")), baseline="a")
+
+
+def test_results_of_a_row_that_changed_since_are_shown_as_stale_not_scored(tmp_path, capsys):
+    from experiments.paper import recipe_levers
+
+    study = recipe_levers.STUDY
+    base = tmp_path / study.name / "full"
+    write(base / "ferplus-baseline" / "seed_0", fake_results(0.84, "ferplus", split="validation"))
+    write(base / "ferplus-conv_bfloat16" / "seed_0", fake_results(0.83, "ferplus", split="validation"))
+    # Trained when the row was float32 widths 96/192/384: the row now also sets bfloat16.
+    write(base / "ferplus-wider" / "seed_0",
+          {**fake_results(0.87, "ferplus", split="validation"),
+           "config": {"model": {"stem_width": 96, "widths": [96, 192, 384], "conv_dtype": "float32"}}})
+    # Recorded before the field existed: not compared. Recorded as a list, asked as a tuple: equal.
+    assert common.config_mismatches({"model.conv_dtype": "bfloat16", "model.widths": (1, 2)},
+                                    {"model": {"widths": [1, 2]}}) == []
+    assert common.config_mismatches({"batch_size": "8", "ema_decay": 0.999}, {"batch_size": 128}) == []
+    text = common.study_table(study, "full", results_root=tmp_path)
+    line = next(x for x in text.splitlines() if x.startswith("| wider network"))
+    assert ("| stale: the row changed since this was trained (results.json: model.conv_dtype: "
+            "'float32' in the results, 'bfloat16' asked); train it again with --rerun |") in line
+    assert "0.87" not in line
+    readme = report.ferplus_levers(tmp_path, tmp_path)
+    assert "stale: the row changed since" in next(x for x in readme.splitlines()
+                                                 if x.startswith("| wider network"))
+    # A second seed is not picked from a stale row's gain: it is as unknown as a row never run.
+    assert common.rows_within(study, "full", "ferplus", 0.5, ["wider"], results_root=tmp_path) == ["wider"]
+    # Training it again without --rerun stops, saying why, instead of calling it done.
+    with pytest.raises(common.RunError, match=r"trained with another configuration than this row's now "
+                                              r"\(model.conv_dtype: 'float32' in the results"):
+        common.train_row(study.name, "full", "ferplus-wider/seed_0", "configs/ferplus.py",
+                         {"model.conv_dtype": "bfloat16", "dataset.manual_dir": "/elsewhere"},
+                         scratch=tmp_path / "scratch", results_root=tmp_path)
+    assert common.train_row(study.name, "full", "ferplus-baseline/seed_0", "configs/ferplus.py",
+                            {"model.widths": (16, 32, 64), "dataset.manual_dir": "/elsewhere"},
+                            scratch=tmp_path / "scratch", results_root=tmp_path).is_file()
+    assert "already done" in capsys.readouterr().out
 
 
 def test_cross_validated_rows_get_per_class_accuracy_pooled_over_folds(tmp_path):

@@ -120,6 +120,8 @@ class Row:
     `same_as` = (study, row, label): another study's row of the same configuration, whose results
     the table shows (saying so, with `label`) where this row has none of its own in that mode, so
     the configuration is trained once.
+    `against`: the row this one's gain is measured against, where not the study's baseline (e.g. a
+    costly lever trained with a speed lever on, against that speed lever's row).
     """
 
     name: str
@@ -127,6 +129,7 @@ class Row:
     overrides: Mapping[str, Any]
     paper: Mapping[str, float] = dataclasses.field(default_factory=dict)
     same_as: tuple[str, str, str] | None = None
+    against: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,14 @@ class Study:
     # A row the others are measured against: the table then gives each row's gain in accuracy and
     # macro F1 over it, paired by seed (`gain_cells`), and its wall time as a multiple of it.
     baseline: str | None = None
+
+    def __post_init__(self):
+        names = [row.name for row in self.rows]
+        for row in self.rows:
+            if row.against is not None and (self.baseline is None or row.against not in names):
+                raise ValueError(f"study {self.name!r}: row {row.name!r} is measured against "
+                                 f"{row.against!r}, which is not one of its rows {names} "
+                                 "(or the study has no baseline)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +238,9 @@ class Summary:
     epochs: float
     wall_seconds: tuple[float, ...]
     cpus: tuple[str | None, ...] = ()  # per repeat: the CPU it ran on (results' host.cpu), if named
+    # Where the results were trained with other values of the row's own fields than the row now
+    # sets (`config_mismatches`): the row changed since, and the table shows no numbers for it.
+    stale: tuple[str, ...] = ()
 
 
 def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Summary:
@@ -257,10 +271,44 @@ def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Su
     )
 
 
-def row_summary(row_dir: Path) -> Summary | None:
-    """The `summarize` of a row directory's results (`row_results`); None where it has none."""
+_UNSET = object()
+
+
+def config_mismatches(overrides: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """The fields of `overrides` (dotted names) whose value in a run's recorded config (results.json's
+    nested "config") differs, one "field: value in the results, value asked" line each. A field the
+    record lacks (it predates the field) and a command-line string asked of a non-string field
+    (`--set`, parsed by the driver) are not compared."""
+
+    def plain(value: Any) -> Any:
+        return tuple(plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    out = []
+    for field, asked in overrides.items():
+        node: Any = config
+        for part in field.split("."):
+            node = node.get(part, _UNSET) if isinstance(node, Mapping) else _UNSET
+        if node is _UNSET or (isinstance(asked, str) and not isinstance(node, str)):
+            continue
+        if plain(node) != plain(asked):
+            out.append(f"{field}: {plain(node)!r} in the results, {plain(asked)!r} asked")
+    return out
+
+
+def row_summary(row_dir: Path, row: Row | None = None) -> Summary | None:
+    """The `summarize` of a row directory's results (`row_results`); None where it has none. With
+    `row`, results trained with other values of its fields are marked `stale`."""
     paths = row_results(row_dir)
-    return summarize([load_json(p) for p in paths], paths) if paths else None
+    if not paths:
+        return None
+    results = [load_json(p) for p in paths]
+    summary = summarize(results, paths)
+    if row is None:
+        return summary
+    stale = [f"{p.parent.name if len(paths) > 1 else p.name}: {m}"
+             for p, r in zip(paths, results, strict=True)
+             for m in config_mismatches(row.overrides, r.get("config", {}))]
+    return dataclasses.replace(summary, stale=tuple(stale))
 
 
 PROTOCOLS = {  # CK+ config.dataset.protocol, as the tables name it
@@ -337,36 +385,49 @@ def paired_gain(row: Summary, base: Summary) -> Gain | None:
                 sum(w for w, _ in walls) / sum(w for _, w in walls) if walls else None)
 
 
-def gain_cells(row: Summary, base: Summary) -> list[str]:
+def gain_cells(row: Summary, base: Summary | None, against: str | None = None) -> list[str]:
     """The table's gain cells of a row (`paired_gain`): accuracy and macro F1 gains in percentage
-    points, signed, with how many seeds were paired, and the wall time as a multiple of the
-    baseline's; "-" where no seed is shared."""
-    gain = paired_gain(row, base)
+    points, signed, with how many seeds were paired (and `against`, naming the reference where it
+    is not the baseline), and the wall time as a multiple of the reference's; "-" where no seed is
+    shared."""
+    gain = paired_gain(row, base) if base is not None else None
     if gain is None:
         return ["-", "-", "-"]
     n = len(gain.seeds)
-    seeds = f"({n} seed{'s' if n > 1 else ''})"
+    seeds = f"({n} seed{'s' if n > 1 else ''}{f', against {against}' if against else ''})"
     return [f"{100 * gain.accuracy:+.2f} {seeds}", f"{100 * gain.macro_f1:+.2f} {seeds}",
             "-" if gain.wall_ratio is None else f"{gain.wall_ratio:.2f}x"]
 
 
+def reference_row(study: Study, row: Row) -> str | None:
+    """The name of the row `row`'s gain is measured against: its own `against`, else the study's
+    baseline; None for the baseline itself."""
+    if row.name == study.baseline:
+        return None
+    return row.against or study.baseline
+
+
 def rows_within(study: Study, mode: str, dataset: str, points: float, names: Sequence[str],
                 results_root: Path = RESULTS) -> list[str]:
-    """Of `names`, the study's baseline row and the rows whose accuracy gain over it, paired over
-    the seeds both have filed (`paired_gain`), is within +-`points`; a row with no shared seed yet
-    is kept (nothing is known of it). For a second seed only where one seed's gain is too small to
-    trust."""
-    def summary(row_name: str) -> Summary | None:
-        return row_summary(results_root / study.name / mode / f"{dataset}-{row_name}")
+    """Of `names`, the study's baseline row and the rows whose accuracy gain over their reference
+    (`reference_row`), paired over the seeds both have filed (`paired_gain`), is within +-`points`;
+    a row with no shared seed yet is kept (nothing is known of it). For a second seed only where
+    one seed's gain is too small to trust."""
+    rows = {row.name: row for row in study.rows}
 
-    reference = summary(study.baseline)
-    if reference is None:
+    def summary(row_name: str) -> Summary | None:  # stale results are as good as none
+        s = row_summary(results_root / study.name / mode / f"{dataset}-{row_name}", rows[row_name])
+        return None if s is None or s.stale else s
+
+    if summary(study.baseline) is None:
         raise RunError(f"{study.name} ({mode}, {dataset}): the {study.baseline!r} row has no results "
                        "yet, so no gain is known")
     kept = []
     for name in names:
-        ours = summary(name) if name != study.baseline else None
-        gain = paired_gain(ours, reference) if ours is not None else None
+        reference_name = reference_row(study, rows[name])
+        ours = summary(name) if reference_name is not None else None
+        reference = summary(reference_name) if ours is not None else None
+        gain = paired_gain(ours, reference) if reference is not None else None
         # compared in rounded points, as the table shows them
         if gain is None or abs(round(100 * gain.accuracy, 6)) <= points:
             kept.append(name)
@@ -386,7 +447,7 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
         if not any(row_results(base / f"{dataset}-{row.name}") for row in study.rows):
             continue  # rows shown from another study alone do not make a table
         row_dirs, summaries = row_summaries(study, mode, dataset, results_root)
-        reference = summaries.get(study.baseline)
+        reference = fresh(summaries).get(study.baseline)
         gains = (["Gain: acc. (points)", "Gain: macro F1 (points)", "Wall vs baseline"]
                  if reference else [])
         headers = [*study.row_headers, "Accuracy", "Macro F1", *gains, "Best val. acc.",
@@ -396,14 +457,13 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
         for row in study.rows:
             s = summaries.get(row.name)
             paper = [f"{row.paper[k]:.4f}" if k in row.paper else "-" for k, _ in study.paper_columns]
-            if s is None:
-                lines.append([*row.cells, "not run", "", *([""] * len(gains)), "", "", "", "",
-                              *paper, ""])
+            if s is None or s.stale:
+                lines.append([*row.cells, stale_cell(s) if s else "not run", "",
+                              *([""] * len(gains)), "", "", "", "", *paper, ""])
                 continue
             paths = s.paths
             setup = setup or setup_line(load_json(paths[0]))
-            gain = [] if reference is None else (["-", "-", "-"] if row.name == study.baseline
-                                                 else gain_cells(s, reference))
+            gain = [] if reference is None else row_gain_cells(study, row, s, summaries)
             if len(paths) == 1:
                 links = link("results.json", paths[0], relative_to)
             else:
@@ -433,6 +493,24 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
     return head + "\n".join(blocks)
 
 
+def row_gain_cells(study: Study, row: Row, summary: Summary, summaries: Mapping[str, Summary]
+                   ) -> list[str]:
+    """`gain_cells` of a row against its reference (`reference_row`) among `summaries`, the
+    reference named where it is not the baseline; "-" cells for the baseline itself."""
+    reference = reference_row(study, row)
+    if reference is None:
+        return ["-", "-", "-"]
+    label = None
+    if reference != study.baseline:
+        label = next(r.cells[0] for r in study.rows if r.name == reference)
+    return gain_cells(summary, fresh(summaries).get(reference), label)
+
+
+def fresh(summaries: Mapping[str, Summary]) -> dict[str, Summary]:
+    """`summaries` without the stale ones."""
+    return {name: s for name, s in summaries.items() if not s.stale}
+
+
 def row_dir(row: Row, results_root: Path, study: str, mode: str, dataset: str) -> Path:
     """Where `row`'s results are: its own directory, or its `same_as` row's where only that one has
     results in `mode`."""
@@ -445,10 +523,18 @@ def row_dir(row: Row, results_root: Path, study: str, mode: str, dataset: str) -
 
 def row_summaries(study: Study, mode: str, dataset: str,
                   results_root: Path = RESULTS) -> tuple[dict[str, Path], dict[str, Summary]]:
-    """Each row's results directory (`row_dir`) and, for the rows with results, their summary."""
+    """Each row's results directory (`row_dir`) and, for the rows with results, their summary (marked
+    `stale` where the row's fields changed since they were trained)."""
+    rows = {row.name: row for row in study.rows}
     row_dirs = {row.name: row_dir(row, results_root, study.name, mode, dataset) for row in study.rows}
-    summaries = {name: s for name, d in row_dirs.items() if (s := row_summary(d)) is not None}
+    summaries = {name: s for name, d in row_dirs.items() if (s := row_summary(d, rows[name])) is not None}
     return row_dirs, summaries
+
+
+def stale_cell(summary: Summary) -> str:
+    """What a table shows instead of a stale row's numbers."""
+    return ("stale: the row changed since this was trained (" + "; ".join(summary.stale)
+            + "); train it again with --rerun")
 
 
 def pooled_table(study: Study, rows: Sequence[tuple[Row, Path]], relative_to: Path) -> str | None:
@@ -580,8 +666,15 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
     """
     dest = results_root / study / mode / row_path
     if (dest / "results.json").is_file() and not rerun:
-        print(f"{row_path}: already done ({dest / 'results.json'}); --rerun to train again")
-        return dest / "results.json"
+        done = dest / "results.json"
+        mismatches = config_mismatches(
+            {k: v for k, v in overrides.items() if k not in ("dataset.manual_dir", "dataset.data_dir")},
+            load_json(done).get("config", {}))
+        if mismatches:
+            raise RunError(f"{row_path}: {done} was trained with another configuration than this "
+                           f"row's now ({'; '.join(mismatches)}); --rerun to train it again")
+        print(f"{row_path}: already done ({done}); --rerun to train again")
+        return done
     workdir = scratch / study / mode / row_path
     cmd = [sys.executable, "-m", "fermsca.main", "--config", config_file, "--workdir", str(workdir),
            *config_flags(overrides)]

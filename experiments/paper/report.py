@@ -174,15 +174,16 @@ def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> st
     _, summaries = common.row_summaries(study, "full", "ferplus", results_root)
     if not set(summaries) - {study.baseline}:
         return None
-    reference = summaries.get(study.baseline)
+    reference = common.fresh(summaries).get(study.baseline)
     lines = []
     for row in study.rows:
         s = summaries.get(row.name)
-        if s is None:
-            lines.append([*row.cells, "not run yet", "", "", "", "", "", ""])
+        if s is None or s.stale:
+            lines.append([*row.cells, common.stale_cell(s) if s else "not run yet", "", "", "", "", "",
+                          ""])
             continue
-        gains = (["-", "-", "-"] if row.name == study.baseline or reference is None
-                 else common.gain_cells(s, reference))
+        gains = (["-", "-", "-"] if reference is None
+                 else common.row_gain_cells(study, row, s, summaries))
         links = " ".join(common.link(p.parent.name.replace("_", " "), p, relative_to) for p in s.paths)
         lines.append([*row.cells, common.format_mean_std(s.accuracy), common.format_mean_std(s.macro_f1),
                       *gains, f"{sum(s.wall_seconds) / len(s.wall_seconds):,.0f}" if s.wall_seconds
