@@ -192,8 +192,11 @@ def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monk
         calls.append(cmd)
         workdir = Path(cmd[cmd.index("--workdir") + 1])
         folds = [int(k) for k in cmd[cmd.index("--folds") + 1].split(",")]
+        widths = next(c for c in cmd if c.startswith("--config.model.widths="))
         for k in folds:
-            write(workdir / f"fold_{k}", fold_results(k, right=9 + k, wrong=1))
+            write(workdir / f"fold_{k}", {**fold_results(k, right=9 + k, wrong=1), "config": {
+                "model": {"widths": [int(w) for w in widths.split("=")[1].strip("()").split(",")]},
+                "dataset": {"fold": k}}})
         (workdir / "summary.json").write_text(json.dumps(
             {"repeats": [f"fold_{k}" for k in folds], "accuracy_mean": 0.5, "wall_time_seconds": 60.0,
              "device_kind": "cpu"}))
@@ -227,6 +230,15 @@ def test_ckplus_row_trains_its_folds_together_and_files_each_fold(tmp_path, monk
     summary = common.load_json(dest / "summary.json")
     assert summary["repeats"] == ["fold_0", "fold_3", "fold_5"]
     assert [b["repeats"] for b in summary["batches"]] == [["fold_0", "fold_3"], ["fold_5"]]
+    # A batch of a changed row is not pooled with the folds filed before it: it stops, naming them.
+    changed = {**args[4], "model.widths": (8, 16)}
+    with pytest.raises(common.RunError, match=r"fold_0/results.json was trained with another "
+                                              r"configuration .*model.widths: \(16, 32\) in the results"):
+        common.train_folds_row(*args[:4], changed, [7], **kwargs)
+    assert len(calls) == 2 and not (dest / "fold_7").exists()
+    # --rerun replaces the batch's own folds only: the other folds filed must still match.
+    with pytest.raises(common.RunError, match="fold_3/results.json was trained with another"):
+        common.train_folds_row(*args[:4], changed, [0], **kwargs, rerun=True)
 
     monkeypatch.setattr(common.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 75))
     with pytest.raises(common.RunError, match="pre-empted .* repeat the command to resume"):

@@ -655,6 +655,19 @@ def _run_logged(cmd: list[str], workdir: Path, name: str, *, rerun: bool, dry_ru
     return elapsed
 
 
+def check_filed(row_path: str, filed: Sequence[Path], overrides: Mapping[str, Any]) -> None:
+    """Refuses (RunError) results filed for a row that were trained with other values of the
+    fields it sets now (`config_mismatches`; the data folders, which differ between machines, and
+    the CK+ fold aside), instead of calling them done or pooling new folds with them."""
+    asked = {k: v for k, v in overrides.items()
+             if k not in ("dataset.manual_dir", "dataset.data_dir", "dataset.fold")}
+    for path in filed:
+        mismatches = config_mismatches(asked, load_json(path).get("config", {}))
+        if mismatches:
+            raise RunError(f"{row_path}: {path} was trained with another configuration than this "
+                           f"row's now ({'; '.join(mismatches)}); --rerun to train it again")
+
+
 def train_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
               *, scratch: Path, rerun: bool = False, keep_workdir: bool = False,
               dry_run: bool = False, results_root: Path = RESULTS,
@@ -667,12 +680,7 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
     dest = results_root / study / mode / row_path
     if (dest / "results.json").is_file() and not rerun:
         done = dest / "results.json"
-        mismatches = config_mismatches(
-            {k: v for k, v in overrides.items() if k not in ("dataset.manual_dir", "dataset.data_dir")},
-            load_json(done).get("config", {}))
-        if mismatches:
-            raise RunError(f"{row_path}: {done} was trained with another configuration than this "
-                           f"row's now ({'; '.join(mismatches)}); --rerun to train it again")
+        check_filed(row_path, [done], overrides)
         print(f"{row_path}: already done ({done}); --rerun to train again")
         return done
     workdir = scratch / study / mode / row_path
@@ -713,6 +721,10 @@ def train_folds_row(study: str, mode: str, row_path: str, config_file: str, over
     dest = results_root / study / mode / row_path
     names = [f"fold_{k}" for k in folds]
     done = [dest / n / "results.json" for n in names]
+    # The folds filed before, which this batch joins in the row's summary, must match it (with
+    # --rerun, the batch's own folds are replaced, so only the others are checked).
+    check_filed(row_path, [p for p in row_results(dest) if not (rerun and p.parent.name in names)],
+                overrides)
     if all(p.is_file() for p in done) and not rerun:
         print(f"{row_path}: already done ({dest}); --rerun to train again")
         return done
