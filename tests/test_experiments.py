@@ -27,7 +27,10 @@ def fake_results(accuracy: float, dataset: str = "synthetic_faces", split: str =
         "best_validation_accuracy": accuracy + 0.01,
         "epochs": epochs,
         "wall_time_seconds": 60.0,
-        "config": {"model": {"widths": [16, 32, 64], "stem_width": 16}, "batch_size": 64},
+        # as the quick budget trains, and FER+ as configs/ferplus.py (the full budget)
+        "config": ({"model": {"widths": [64, 128, 256], "stem_width": 64}, "batch_size": 128}
+                   if dataset == "ferplus" else
+                   {"model": {"widths": [16, 32, 64], "stem_width": 16}, "batch_size": 64}),
         "dataset": {"name": dataset, "split_sizes": {"train": 4000, "validation": 800, "test": 800}},
         "device_kind": "cpu",
         "device_count": 1,
@@ -410,11 +413,12 @@ def test_a_second_seed_goes_only_to_levers_whose_gain_is_too_small_to_trust(tmp_
     assert common.rows_within(study, "full", "ferplus", 0.6, ["flip", "ema", "adamw"],
                               results_root=tmp_path) == ["ema"]
     # `wider` is measured against the bfloat16 row: +0.3 over it is within a point, -1.5 over the
-    # baseline would not be.
+    # baseline would not be; the bfloat16 row comes along, for the next seed to pair with.
     write(base / "ferplus-conv_bfloat16" / "seed_0", fake_results(0.822, "ferplus", split="validation"))
     write(base / "ferplus-wider" / "seed_0", {**fake_results(0.825, "ferplus", split="validation"),
                                               "config": WIDER_CONFIG})
-    assert common.rows_within(study, "full", "ferplus", 1.0, ["wider"], results_root=tmp_path) == ["wider"]
+    assert common.rows_within(study, "full", "ferplus", 1.0, ["wider"], results_root=tmp_path) == [
+        "conv_bfloat16", "wider"]
     write(base / "ferplus-conv_bfloat16" / "seed_0", fake_results(0.840, "ferplus", split="validation"))
     assert common.rows_within(study, "full", "ferplus", 1.0, ["wider"], results_root=tmp_path) == []
 
@@ -453,7 +457,8 @@ def test_a_costly_lever_is_measured_against_the_row_it_trains_beside(tmp_path):
                                          common.Row("b", ("b",), {}, against="c")), baseline="a")
 
 
-def test_results_of_a_row_that_changed_since_are_shown_as_stale_not_scored(tmp_path, capsys):
+def test_results_of_a_row_that_changed_since_are_shown_as_stale_not_scored(tmp_path, capsys,
+                                                                             monkeypatch):
     from experiments.paper import recipe_levers
 
     study = recipe_levers.STUDY
@@ -467,7 +472,17 @@ def test_results_of_a_row_that_changed_since_are_shown_as_stale_not_scored(tmp_p
     # Recorded before the field existed: not compared. Recorded as a list, asked as a tuple: equal.
     assert common.config_mismatches({"model.conv_dtype": "bfloat16", "model.widths": (1, 2)},
                                     {"model": {"widths": [1, 2]}}) == []
-    assert common.config_mismatches({"batch_size": "8", "ema_decay": 0.999}, {"batch_size": 128}) == []
+    # A string from --set is read as a literal; one that is no literal is not compared.
+    assert common.config_mismatches({"batch_size": "8", "ema_decay": 0.999}, {"batch_size": 128}) == [
+        "batch_size: 128 in the results, 8 asked"]
+    assert common.config_mismatches({"model.widths": "(8,16)", "loss": "cosine"},
+                                    {"model": {"widths": [8, 16]}, "loss": "cosine"}) == []
+    assert common.config_mismatches({"optimizer.schedule": "warmup_cosine", "seed": "x1"},
+                                    {"optimizer": {"schedule": "table1"}, "seed": 0}) == [
+        "optimizer.schedule: 'table1' in the results, 'warmup_cosine' asked"]
+    # Where the data is and how fast it ran are not what a run computes.
+    assert common.config_mismatches({"dataset.manual_dir": "/b", "model.conv_impl": "xla"},
+                                    {"dataset": {"manual_dir": "/a"}, "model": {"conv_impl": "auto"}}) == []
     text = common.study_table(study, "full", results_root=tmp_path)
     line = next(x for x in text.splitlines() if x.startswith("| wider network"))
     assert ("| stale: the row changed since this was trained (results.json: model.conv_dtype: "
@@ -477,7 +492,8 @@ def test_results_of_a_row_that_changed_since_are_shown_as_stale_not_scored(tmp_p
     assert "stale: the row changed since" in next(x for x in readme.splitlines()
                                                  if x.startswith("| wider network"))
     # A second seed is not picked from a stale row's gain: it is as unknown as a row never run.
-    assert common.rows_within(study, "full", "ferplus", 0.5, ["wider"], results_root=tmp_path) == ["wider"]
+    assert common.rows_within(study, "full", "ferplus", 0.5, ["wider"], results_root=tmp_path) == [
+        "conv_bfloat16", "wider"]
     # Training it again without --rerun stops, saying why, instead of calling it done.
     with pytest.raises(common.RunError, match=r"trained with another configuration than this row's now "
                                               r"\(model.conv_dtype: 'float32' in the results"):
@@ -485,9 +501,27 @@ def test_results_of_a_row_that_changed_since_are_shown_as_stale_not_scored(tmp_p
                          {"model.conv_dtype": "bfloat16", "dataset.manual_dir": "/elsewhere"},
                          scratch=tmp_path / "scratch", results_root=tmp_path)
     assert common.train_row(study.name, "full", "ferplus-baseline/seed_0", "configs/ferplus.py",
-                            {"model.widths": (16, 32, 64), "dataset.manual_dir": "/elsewhere"},
+                            {"model.widths": (64, 128, 256), "dataset.manual_dir": "/elsewhere"},
                             scratch=tmp_path / "scratch", results_root=tmp_path).is_file()
     assert "already done" in capsys.readouterr().out
+    # A lever dropped from a row shows too: the baseline trained with bfloat16 convolutions is not
+    # the paper's recipe (a field another row sets is compared with the config's default).
+    write(base / "ferplus-baseline" / "seed_1",
+          {**fake_results(0.85, "ferplus", split="validation"),
+           "config": {"model": {"widths": [64, 128, 256], "conv_dtype": "bfloat16"}}})
+    baseline = common.row_summaries(study, "full", "ferplus", tmp_path)[1]["baseline"]
+    assert baseline.stale == ("seed_1: model.conv_dtype: 'bfloat16' in the results, 'float32' asked",)
+    # Every stale row is named before anything trains, not one by one hours apart.
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    with pytest.raises(SystemExit):
+        common.main(study, ["--manual_dir", "/d", "--dry_run", "--seeds", "0,1",
+                            "--rows", "baseline,flip,wider"])
+    err = capsys.readouterr().err
+    assert "results filed under another configuration than their rows' now" in err
+    assert "ferplus-baseline/seed_1" in err and "ferplus-wider/seed_0" in err
+    assert "ferplus-baseline/seed_0" not in err and "flip" not in err
+    with pytest.raises(ValueError, match="row 'a' is measured against 'a'"):
+        common.Study("s", "S", ("x",), (common.Row("a", ("a",), {}, against="a"),), baseline="a")
 
 
 def test_cross_validated_rows_get_per_class_accuracy_pooled_over_folds(tmp_path):
@@ -696,6 +730,15 @@ def test_ckplus_headline_puts_both_protocols_side_by_side(tmp_path):
     assert "99.32% without naming its protocol" in text and "nothing is selected on a test fold" in text
     index = report.index(tmp_path, results / "README.md", results)
     assert index.startswith("CK+ at the paper's settings") and "| study | budget | results |" in index
+    # Folds trained under the other protocol than the row's are shown as stale, without numbers.
+    for k in range(2):
+        write(row / f"fold_{k}", {**fake_results(0.9, "ckplus", epochs=200),
+                                  "config": {"dataset": {"num_folds": 10, "protocol": "random"}}})
+    line = next(x for x in report.ckplus_results(tmp_path, results).splitlines()
+                if x.startswith("| subject-independent"))
+    assert "stale: the row changed since this was trained (fold_0: dataset.protocol: 'random'" in line
+    assert "0.9234" not in line
+    assert report.ckplus_tables_2_3(tmp_path, results) is None  # the full-budget row alone, and stale
 
 
 def test_ckplus_tables_2_3_sit_together_with_the_full_budget_row_last(tmp_path):

@@ -17,9 +17,11 @@ protocol is k-fold), and the table gives mean +- sample std over the folds.
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -154,7 +156,8 @@ class Study:
     def __post_init__(self):
         names = [row.name for row in self.rows]
         for row in self.rows:
-            if row.against is not None and (self.baseline is None or row.against not in names):
+            if row.against is not None and (self.baseline is None or row.against not in names
+                                            or row.against == row.name):
                 raise ValueError(f"study {self.name!r}: row {row.name!r} is measured against "
                                  f"{row.against!r}, which is not one of its rows {names} "
                                  "(or the study has no baseline)")
@@ -273,41 +276,90 @@ def summarize(results: Sequence[Mapping[str, Any]], paths: Sequence[Path]) -> Su
 
 _UNSET = object()
 
+# Fields that say where the data is or how fast a run goes, not what it computes: never compared.
+NOT_COMPARED = frozenset({
+    "dataset.manual_dir", "dataset.data_dir", "dataset.packed_file", "dataset.rebuild", "dataset.fold",
+    "model.conv_impl", "data_on_device", "steps_per_dispatch", "log_every_steps",
+    "checkpoint_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "async_checkpoints"})
+
 
 def config_mismatches(overrides: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """The fields of `overrides` (dotted names) whose value in a run's recorded config (results.json's
-    nested "config") differs, one "field: value in the results, value asked" line each. A field the
-    record lacks (it predates the field) and a command-line string asked of a non-string field
-    (`--set`, parsed by the driver) are not compared."""
+    nested "config") differs, one "field: value in the results, value asked" line each. A string
+    asked of a non-string field (`--set`) is read as a Python literal. Not compared: `NOT_COMPARED`,
+    a field the record lacks (it predates the field), and a string that is no literal."""
 
     def plain(value: Any) -> Any:
         return tuple(plain(v) for v in value) if isinstance(value, (list, tuple)) else value
 
     out = []
     for field, asked in overrides.items():
+        if field in NOT_COMPARED:
+            continue
         node: Any = config
         for part in field.split("."):
             node = node.get(part, _UNSET) if isinstance(node, Mapping) else _UNSET
-        if node is _UNSET or (isinstance(asked, str) and not isinstance(node, str)):
+        if node is _UNSET:
             continue
+        if isinstance(asked, str) and not isinstance(node, str):
+            try:
+                asked = ast.literal_eval(asked)
+            except (ValueError, SyntaxError):
+                continue
         if plain(node) != plain(asked):
             out.append(f"{field}: {plain(node)!r} in the results, {plain(asked)!r} asked")
     return out
 
 
-def row_summary(row_dir: Path, row: Row | None = None) -> Summary | None:
+@functools.cache
+def config_defaults(config_file: str) -> dict[str, Any]:
+    """Every field of a config file (`CONFIG_FILES`) by dotted name, as its get_config() sets it."""
+    from fermsca import config_schema
+
+    module = importlib.import_module("configs." + Path(config_file).stem)
+    return config_schema.flatten(module.get_config())
+
+
+def mode_budget(study: Study, mode: str, dataset: str) -> dict[str, Any]:
+    """The overrides every row of `study` trains with in `mode` (`QUICK_BUDGET`, `FULL_BUDGET`, the
+    study's own `budget`, and a reduced mode's epochs)."""
+    quick = mode == "quick"
+    budget = {**(QUICK_BUDGET if quick else FULL_BUDGET)[dataset],
+              **study.budget.get("quick" if quick else "full", {})}
+    if reduced_epochs(mode) is not None:
+        budget["num_epochs"] = reduced_epochs(mode)
+    return budget
+
+
+def expected_config(study: Study, row: Row, mode: str, dataset: str) -> dict[str, Any]:
+    """What `row`'s results must record for every field any row of `study` sets: the row's own
+    value, else the mode's budget's, else the config file's default. So a lever dropped from a row
+    (say `wider` losing its bfloat16) shows as well as a changed one."""
+    fields = {f for r in study.rows for f in r.overrides}
+    budget = mode_budget(study, mode, dataset)
+    defaults = config_defaults(CONFIG_FILES[dataset])
+    out = {}
+    for field in sorted(fields):
+        for source in (row.overrides, budget, defaults):
+            if field in source:
+                out[field] = source[field]
+                break
+    return out
+
+
+def row_summary(row_dir: Path, expected: Mapping[str, Any] | None = None) -> Summary | None:
     """The `summarize` of a row directory's results (`row_results`); None where it has none. With
-    `row`, results trained with other values of its fields are marked `stale`."""
+    `expected` (`expected_config`), results trained with other values are marked `stale`."""
     paths = row_results(row_dir)
     if not paths:
         return None
     results = [load_json(p) for p in paths]
     summary = summarize(results, paths)
-    if row is None:
+    if expected is None:
         return summary
     stale = [f"{p.parent.name if len(paths) > 1 else p.name}: {m}"
              for p, r in zip(paths, results, strict=True)
-             for m in config_mismatches(row.overrides, r.get("config", {}))]
+             for m in config_mismatches(expected, r.get("config", {}))]
     return dataclasses.replace(summary, stale=tuple(stale))
 
 
@@ -416,13 +468,14 @@ def rows_within(study: Study, mode: str, dataset: str, points: float, names: Seq
     rows = {row.name: row for row in study.rows}
 
     def summary(row_name: str) -> Summary | None:  # stale results are as good as none
-        s = row_summary(results_root / study.name / mode / f"{dataset}-{row_name}", rows[row_name])
+        s = row_summary(results_root / study.name / mode / f"{dataset}-{row_name}",
+                        expected_config(study, rows[row_name], mode, dataset))
         return None if s is None or s.stale else s
 
     if summary(study.baseline) is None:
         raise RunError(f"{study.name} ({mode}, {dataset}): the {study.baseline!r} row has no results "
-                       "yet, so no gain is known")
-    kept = []
+                       "yet (or only stale ones), so no gain is known")
+    kept = set()
     for name in names:
         reference_name = reference_row(study, rows[name])
         ours = summary(name) if reference_name is not None else None
@@ -430,8 +483,10 @@ def rows_within(study: Study, mode: str, dataset: str, points: float, names: Seq
         gain = paired_gain(ours, reference) if reference is not None else None
         # compared in rounded points, as the table shows them
         if gain is None or abs(round(100 * gain.accuracy, 6)) <= points:
-            kept.append(name)
-    return kept
+            kept.add(name)
+            if reference_name is not None and reference_name != study.baseline:
+                kept.add(reference_name)  # its next seed pairs with the reference's
+    return [row.name for row in study.rows if row.name in kept]
 
 
 def study_table(study: Study, mode: str, relative_to: Path | None = None,
@@ -480,9 +535,11 @@ def study_table(study: Study, mode: str, relative_to: Path | None = None,
         if dataset != "synthetic_faces":
             command += " --manual_dir DIR [--data_dir DIR]"
         hashes = "#" * (heading_level + 1)
-        pooled = pooled_table(study, [(row, row_dirs[row.name]) for row in study.rows], relative_to)
+        pooled = pooled_table(study, [(row, row_dirs[row.name]) for row in study.rows
+                                      if not (row.name in summaries and summaries[row.name].stale)],
+                              relative_to)
         blocks.append(f"{hashes} {DATASET_TITLES[dataset]}\n\n`{command}`\n\n"
-                      f"Setup: {setup}.\n\n" + markdown_table(headers, lines)
+                      + (f"Setup: {setup}.\n\n" if setup else "") + markdown_table(headers, lines)
                       + (f"\n{pooled}" if pooled else ""))
     if not blocks:
         return None
@@ -527,7 +584,8 @@ def row_summaries(study: Study, mode: str, dataset: str,
     `stale` where the row's fields changed since they were trained)."""
     rows = {row.name: row for row in study.rows}
     row_dirs = {row.name: row_dir(row, results_root, study.name, mode, dataset) for row in study.rows}
-    summaries = {name: s for name, d in row_dirs.items() if (s := row_summary(d, rows[name])) is not None}
+    summaries = {name: s for name, d in row_dirs.items()
+                 if (s := row_summary(d, expected_config(study, rows[name], mode, dataset))) is not None}
     return row_dirs, summaries
 
 
@@ -655,14 +713,21 @@ def _run_logged(cmd: list[str], workdir: Path, name: str, *, rerun: bool, dry_ru
     return elapsed
 
 
+def filed_before(dest: Path, batch: Sequence[str] | None, rerun: bool) -> list[Path]:
+    """The results filed in a row's directory that a new run of it keeps: its results.json (a
+    run's, `batch` None) or its folds (`batch`: the folds this run trains), less what --rerun
+    replaces."""
+    if batch is None:
+        return [] if rerun or not (dest / "results.json").is_file() else [dest / "results.json"]
+    return [p for p in row_results(dest) if not (rerun and p.parent.name in batch)]
+
+
 def check_filed(row_path: str, filed: Sequence[Path], overrides: Mapping[str, Any]) -> None:
     """Refuses (RunError) results filed for a row that were trained with other values of the
-    fields it sets now (`config_mismatches`; the data folders, which differ between machines, and
-    the CK+ fold aside), instead of calling them done or pooling new folds with them."""
-    asked = {k: v for k, v in overrides.items()
-             if k not in ("dataset.manual_dir", "dataset.data_dir", "dataset.fold")}
+    fields it sets now (`config_mismatches`), instead of calling them done or pooling new folds
+    with them."""
     for path in filed:
-        mismatches = config_mismatches(asked, load_json(path).get("config", {}))
+        mismatches = config_mismatches(overrides, load_json(path).get("config", {}))
         if mismatches:
             raise RunError(f"{row_path}: {path} was trained with another configuration than this "
                            f"row's now ({'; '.join(mismatches)}); --rerun to train it again")
@@ -671,16 +736,17 @@ def check_filed(row_path: str, filed: Sequence[Path], overrides: Mapping[str, An
 def train_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
               *, scratch: Path, rerun: bool = False, keep_workdir: bool = False,
               dry_run: bool = False, results_root: Path = RESULTS,
-              cpus: Sequence[int] | None = None) -> Path | None:
+              cpus: Sequence[int] | None = None, expected: Mapping[str, Any] | None = None
+              ) -> Path | None:
     """Trains one row (or one fold of it) unless its results are already there; returns their path.
 
     The workdir is `scratch/<study>/<mode>/<row_path>`; after a completed run its results.json and
     PNGs are copied to `results_root/<study>/<mode>/<row_path>/` and the workdir is deleted.
+    Results already there must match `overrides` and `expected` (`check_filed`).
     """
     dest = results_root / study / mode / row_path
-    if (dest / "results.json").is_file() and not rerun:
-        done = dest / "results.json"
-        check_filed(row_path, [done], overrides)
+    for done in filed_before(dest, None, rerun):
+        check_filed(row_path, [done], {**(expected or {}), **overrides})
         print(f"{row_path}: already done ({done}); --rerun to train again")
         return done
     workdir = scratch / study / mode / row_path
@@ -710,7 +776,8 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
 def train_folds_row(study: str, mode: str, row_path: str, config_file: str, overrides: Mapping[str, Any],
                     folds: Sequence[int], *, scratch: Path, rerun: bool = False, keep_workdir: bool = False,
                     dry_run: bool = False, results_root: Path = RESULTS,
-                    cpus: Sequence[int] | None = None) -> list[Path] | None:
+                    cpus: Sequence[int] | None = None, expected: Mapping[str, Any] | None = None
+                    ) -> list[Path] | None:
     """Trains the CK+ folds of one row together (`experiments.paper.ckplus_cv`, the folds vmapped in
     one process), unless every fold's results are already there; returns their paths.
 
@@ -723,8 +790,7 @@ def train_folds_row(study: str, mode: str, row_path: str, config_file: str, over
     done = [dest / n / "results.json" for n in names]
     # The folds filed before, which this batch joins in the row's summary, must match it (with
     # --rerun, the batch's own folds are replaced, so only the others are checked).
-    check_filed(row_path, [p for p in row_results(dest) if not (rerun and p.parent.name in names)],
-                overrides)
+    check_filed(row_path, filed_before(dest, names, rerun), {**(expected or {}), **overrides})
     if all(p.is_file() for p in done) and not rerun:
         print(f"{row_path}: already done ({dest}); --rerun to train again")
         return done
@@ -870,9 +936,10 @@ def arg_parser(study: Study) -> argparse.ArgumentParser:
                                   + ", ".join(r.name for r in study.rows))
     if study.baseline is not None:
         p.add_argument("--within", type=float, metavar="POINTS",
-                       help=f"train only the rows whose accuracy gain over the {study.baseline!r} row, "
-                            "paired over the seeds already filed, is within +-POINTS (and that row): "
-                            "e.g. a second seed only where one seed's gain is too small to trust")
+                       help=f"train only the rows whose accuracy gain over the {study.baseline!r} row "
+                            "(or the row they are measured against), paired over the seeds already "
+                            "filed, is within +-POINTS (and those reference rows): e.g. a second seed "
+                            "only where one seed's gain is too small to trust")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra config override for every row, e.g. --set batch_size=8")
     p.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "fermsca_experiments"),
@@ -918,15 +985,14 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
             wanted = rows_within(study, mode, dataset, args.within, wanted)
         except RunError as e:
             parser.error(str(e))
-        print(f"rows within ±{args.within:g} points of {study.baseline!r}: {', '.join(wanted)}", flush=True)
-    budget = {**(QUICK_BUDGET if args.quick else FULL_BUDGET)[dataset],
-              **study.budget.get("quick" if args.quick else "full", {})}
+        print(f"rows within ±{args.within:g} points of {study.baseline!r} (or of their reference "
+              f"row), with those references: {', '.join(wanted)}", flush=True)
     if args.epochs:  # a reduced budget: the full one at fewer epochs
-        full_epochs = budget.get("num_epochs", PAPER_EPOCHS)
+        full_epochs = mode_budget(study, "full", dataset).get("num_epochs", PAPER_EPOCHS)
         if args.epochs >= full_epochs:
             parser.error(f"--epochs {args.epochs}: a reduced budget needs fewer epochs than the full "
                          f"budget's {full_epochs} (run without --epochs for that)")
-        budget["num_epochs"] = args.epochs
+    budget = mode_budget(study, mode, dataset)
     data_flags = {k: v for k, v in (("dataset.manual_dir", args.manual_dir),
                                     ("dataset.data_dir", args.data_dir)) if v}
     cpus = None
@@ -940,25 +1006,39 @@ def main(study: Study, argv: Sequence[str] | None = None) -> None:
             parser.error(str(e))
     run_args = dict(scratch=Path(args.scratch), rerun=args.rerun, keep_workdir=args.keep_workdirs,
                     dry_run=args.dry_run)
-    jobs = []
+    jobs, stale = [], []
+
+    def check(row_path: str, batch: Sequence[str] | None, overrides: Mapping[str, Any]) -> None:
+        dest = RESULTS / study.name / mode / row_path
+        try:  # every stale row named before anything trains, not one by one hours apart
+            check_filed(row_path, filed_before(dest, batch, args.rerun), {**expected, **overrides})
+        except RunError as e:
+            stale.append(str(e))
+
     for row in study.rows:
         if row.name not in wanted:
             continue
+        expected = expected_config(study, row, mode, dataset)
         if dataset == "ckplus":  # the row's folds trained together, vmapped
             try:
                 repeats(row, dataset, folds, sets)  # checks the protocol
             except ValueError as e:
                 parser.error(str(e))
+            overrides = {**budget, **row.overrides, **data_flags, **sets}
+            check(f"{dataset}-{row.name}", [f"fold_{k}" for k in folds], overrides)
             jobs.append(functools.partial(train_folds_row, study.name, mode, f"{dataset}-{row.name}",
-                                          CONFIG_FILES[dataset],
-                                          {**budget, **row.overrides, **data_flags, **sets}, folds,
-                                          **run_args))
+                                          CONFIG_FILES[dataset], overrides, folds, **run_args,
+                                          expected=expected))
             continue
         for sub, extra in repeats(row, dataset, folds, sets, seeds):
             overrides = {**budget, **row.overrides, **extra, **data_flags, **sets}
             row_path = f"{dataset}-{row.name}" + (f"/{sub}" if sub else "")
+            check(row_path, None, overrides)
             jobs.append(functools.partial(train_row, study.name, mode, row_path, CONFIG_FILES[dataset],
-                                          overrides, **run_args))
+                                          overrides, **run_args, expected=expected))
+    if stale:
+        parser.error("results filed under another configuration than their rows' now:\n  "
+                     + "\n  ".join(stale))
     start = time.time()
     run_jobs(jobs, args.lanes, (lambda: None) if args.dry_run else (lambda: write_table(study, mode)),
              cpus=cpus)

@@ -61,6 +61,13 @@ def _summary_links(row_dir: Path, relative_to: Path) -> str:
                      *([common.link("Fig. 8", figure, relative_to)] if figure.is_file() else [])])
 
 
+def _stale_cell(study: common.Study, row: common.Row, mode: str, row_dir: Path) -> str | None:
+    """`common.stale_cell` of a CK+ row whose folds were trained under another configuration than
+    the row's now (`common.expected_config`); None where they match or there are none."""
+    s = common.row_summary(row_dir, common.expected_config(study, row, mode, "ckplus"))
+    return common.stale_cell(s) if s is not None and s.stale else None
+
+
 def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> str | None:
     """The CK+ headline: the paper's setup under both protocols (`ckplus_protocols`, full budget),
     side by side, from their summary.json files; None before either has finished."""
@@ -71,7 +78,11 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
         if not summary_path.is_file():
             rows.append([row.cells[0], "not finished yet", "", "", "", ""])
             continue
-        shown = True
+        shown = True  # a stale row too: the reader should see that it is stale
+        stale = _stale_cell(ckplus_protocols.STUDY, row, "full", row_dir)
+        if stale:
+            rows.append([row.cells[0], stale, "", "", "", ""])
+            continue
         s = common.load_json(summary_path)
         folds = [common.load_json(p) for p in common.row_results(row_dir)]
         epochs = {r["epochs"] for r in folds}
@@ -99,12 +110,17 @@ def ckplus_results(relative_to: Path, results_root: Path = common.RESULTS) -> st
                                      "Macro F1 (mean)", "Epochs", "Results"], rows))
 
 
-def _ckplus_summary_cells(row_dir: Path, relative_to: Path) -> list[str] | None:
+def _ckplus_summary_cells(study: common.Study, row: common.Row, mode: str, row_dir: Path,
+                          relative_to: Path) -> list[str] | None:
     """Accuracy, macro F1, pooled accuracy, epochs and links of a cross-validated CK+ row, from its
-    summary.json and fold results; None where it has no summary yet."""
+    summary.json and fold results; None where it has no summary yet, and a stale cell where its
+    folds were trained under another configuration than the row's now."""
     summary_path = row_dir / "summary.json"
     if not summary_path.is_file():
         return None
+    stale = _stale_cell(study, row, mode, row_dir)
+    if stale:
+        return [stale, "", "", "", ""]
     s = common.load_json(summary_path)
     folds = [common.load_json(p) for p in common.row_results(row_dir)]
     return [f"{s['accuracy_mean']:.4f} ± {s['accuracy_std']:.4f} ({len(folds)} folds)",
@@ -122,7 +138,9 @@ def ckplus_tables_2_3(relative_to: Path, results_root: Path = common.RESULTS) ->
     mode_names = sorted({m for study in studies for m in common.modes(results_root / study.name)
                          if common.reduced_epochs(m) is not None}, key=common.reduced_epochs,
                         reverse=True)
+    kfold = next(r for r in ckplus_protocols.STUDY.rows if r.name == "kfold")
     full_cells = _ckplus_summary_cells(
+        ckplus_protocols.STUDY, kfold, "full",
         results_root / ckplus_protocols.STUDY.name / "full" / "ckplus-kfold", relative_to)
     blocks = []
     for mode in mode_names:
@@ -139,7 +157,8 @@ def ckplus_tables_2_3(relative_to: Path, results_root: Path = common.RESULTS) ->
                     setting = f"learning rate {row.cells[0]}"
                 else:
                     setting = f"SE {row.cells[0]}, BN {row.cells[1]}"
-                cells = _ckplus_summary_cells(own, relative_to) or ["not run yet", "", "", "", ""]
+                cells = (_ckplus_summary_cells(study, row, mode, own, relative_to)
+                         or ["not run yet", "", "", "", ""])
                 shown = shown or cells[0] != "not run yet"
                 lines.append(["2, 3" if paper_config else number, setting, *cells[:-1],
                               f"{row.paper['ckplus']:.4f}", cells[-1]])
@@ -175,6 +194,8 @@ def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> st
     if not set(summaries) - {study.baseline}:
         return None
     reference = common.fresh(summaries).get(study.baseline)
+    if not common.fresh(summaries):
+        return None
     lines = []
     for row in study.rows:
         s = summaries.get(row.name)
@@ -188,11 +209,12 @@ def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> st
         lines.append([*row.cells, common.format_mean_std(s.accuracy), common.format_mean_std(s.macro_f1),
                       *gains, f"{sum(s.wall_seconds) / len(s.wall_seconds):,.0f}" if s.wall_seconds
                       else "-", links])
-    epochs = next(iter(summaries.values())).epochs
+    epochs = next(iter(common.fresh(summaries).values())).epochs
     return (f"FER+ recipe levers beyond the paper, each alone against the paper's recipe at "
             f"{epochs:g} epochs (reduced budget), scored on the validation split, which also picks each "
             "run's best epoch; the test split is never used. A gain is over the baseline run of the "
-            "same seed, averaged over the seeds both have (their count in brackets); on 3,191 "
+            "same seed (or over the run of the row its cells name), averaged over the seeds both "
+            "have (their count in brackets); on 3,191 "
             "validation images 0.3 points is noise. The levers that pay go into "
             "configs/ferplus_plus.py. A lever's cost: wall seconds per run, on whichever CPU each run had, "
             "and its wall time against the baseline's, paired only where both ran on the same CPU "
