@@ -241,8 +241,8 @@ class Summary:
     epochs: float
     wall_seconds: tuple[float, ...]
     cpus: tuple[str | None, ...] = ()  # per repeat: the CPU it ran on (results' host.cpu), if named
-    # Where the results were trained with other values of the row's own fields than the row now
-    # sets (`config_mismatches`): the row changed since, and the table shows no numbers for it.
+    # Where the results were trained with other values than the row's `expected_config` now
+    # (`config_mismatches`): the row changed since, and the tables show no numbers for it.
     stale: tuple[str, ...] = ()
 
 
@@ -745,10 +745,11 @@ def train_row(study: str, mode: str, row_path: str, config_file: str, overrides:
     Results already there must match `overrides` and `expected` (`check_filed`).
     """
     dest = results_root / study / mode / row_path
-    for done in filed_before(dest, None, rerun):
-        check_filed(row_path, [done], {**(expected or {}), **overrides})
-        print(f"{row_path}: already done ({done}); --rerun to train again")
-        return done
+    filed = filed_before(dest, None, rerun)
+    if filed:
+        check_filed(row_path, filed, {**(expected or {}), **overrides})
+        print(f"{row_path}: already done ({filed[0]}); --rerun to train again")
+        return filed[0]
     workdir = scratch / study / mode / row_path
     cmd = [sys.executable, "-m", "fermsca.main", "--config", config_file, "--workdir", str(workdir),
            *config_flags(overrides)]

@@ -193,9 +193,10 @@ def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> st
     _, summaries = common.row_summaries(study, "full", "ferplus", results_root)
     if not set(summaries) - {study.baseline}:
         return None
-    reference = common.fresh(summaries).get(study.baseline)
-    if not common.fresh(summaries):
+    fresh = common.fresh(summaries)
+    if not fresh:
         return None
+    reference = fresh.get(study.baseline)
     lines = []
     for row in study.rows:
         s = summaries.get(row.name)
@@ -209,7 +210,7 @@ def ferplus_levers(relative_to: Path, results_root: Path = common.RESULTS) -> st
         lines.append([*row.cells, common.format_mean_std(s.accuracy), common.format_mean_std(s.macro_f1),
                       *gains, f"{sum(s.wall_seconds) / len(s.wall_seconds):,.0f}" if s.wall_seconds
                       else "-", links])
-    epochs = next(iter(common.fresh(summaries).values())).epochs
+    epochs = next(iter(fresh.values())).epochs
     return (f"FER+ recipe levers beyond the paper, each alone against the paper's recipe at "
             f"{epochs:g} epochs (reduced budget), scored on the validation split, which also picks each "
             "run's best epoch; the test split is never used. A gain is over the baseline run of the "
