@@ -597,6 +597,18 @@ def test_summarize_rejects_unfinished_runs(tmp_path):
 # Table 4 ----------------------------------------------------------------------------------------
 
 
+def test_setup_line_names_the_budget_and_a_lowered_convolution_precision():
+    results = fake_results(0.85, "ferplus", split="validation", epochs=200)
+    assert common.setup_line(results) == ("4,000 train / 800 validation / 800 test images; "
+                                          "widths (64, 128, 256), stem 64; batch 128; 200 epochs; "
+                                          "1 x cpu")
+    results["config"]["model"]["conv_dtype"] = "float32"
+    assert "operands" not in common.setup_line(results)
+    results["config"]["model"]["conv_dtype"] = "bfloat16"
+    assert ("widths (64, 128, 256), stem 64; bfloat16 convolution operands; batch 128"
+            in common.setup_line(results))
+
+
 def test_table4_puts_ours_beside_published(tmp_path):
     ferplus = write(tmp_path / "ferplus_run", fake_results(0.85, "ferplus", split="validation"))
     for k, acc in enumerate((0.97, 0.99)):

@@ -371,7 +371,8 @@ PROTOCOLS = {  # CK+ config.dataset.protocol, as the tables name it
 
 
 def setup_line(results: Mapping[str, Any]) -> str:
-    """The budget of a run in one line, from its results.json: data sizes, model width, batch, epochs."""
+    """The budget of a run in one line, from its results.json: data sizes, model width, precision,
+    batch, epochs, devices."""
     cfg = results.get("config", {})
     model = cfg.get("model", {})
     sizes = results.get("dataset", {}).get("split_sizes", {})
@@ -384,6 +385,8 @@ def setup_line(results: Mapping[str, Any]) -> str:
         parts.append(" / ".join(f"{n:,} {k}" for k, n in sizes.items()) + " images")
     if model:
         parts.append(f"widths {tuple(model.get('widths', ()))}, stem {model.get('stem_width')}")
+        if model.get("conv_dtype", "float32") != "float32":
+            parts.append(f"{model['conv_dtype']} convolution operands")
     if "batch_size" in cfg:
         parts.append(f"batch {cfg['batch_size']}")
     if "epochs" in results:

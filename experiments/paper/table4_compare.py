@@ -50,6 +50,7 @@ PUBLISHED = (
 
 DEFAULT_SOURCES = (
     "experiments/results/ferplus_plus_e60_cosine/results.json",  # the released weights
+    "experiments/results/ferplus_paper/attempt_4/results.json",  # the paper's recipe, 200 epochs
     "experiments/results/ferplus_plus_e60/results.json",  # released before
     "experiments/results/recipe_levers/full/ferplus-labels_crossentropy",  # released before that
     "experiments/results/ferplus_cpu_30/results.json",
