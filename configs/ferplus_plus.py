@@ -5,7 +5,9 @@ validation split (`python -m experiments.paper.recipe_levers`; the table:
 experiments/results/recipe_levers/full/table.md). A lever joins the recipe when it gains at least
 a point of validation accuracy on one seed, or gains on each of two seeds (smaller differences are
 noise on 3,191 images); macro F1 counts too, since disgust, contempt and fear are rare. The same
-study's `recipe` row trains exactly this config's changes together, at the study's budget.
+study's `recipe` row trains exactly this config's changes together, at the study's budget: 0.8621
+validation accuracy, macro F1 0.735 at 30 epochs, seed 0 (+1.47 / +13.44 points over the paper's
+recipe's seed 0; either lever alone gave at most +1.13 / +6.03).
 
 The budget here is 60 epochs; `--config.num_epochs=200` is the paper's. The test split is never
 used to choose a lever or a checkpoint. This config at 60 epochs, seed 0, gave the released weights
