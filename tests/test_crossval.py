@@ -10,6 +10,7 @@ and 30 images, i.e. 3, 3 and 4 steps per epoch at the paper's batch of 7.
 import functools
 import json
 import os
+import re
 import shutil
 
 import fixtures
@@ -279,16 +280,16 @@ def test_sigterm_stops_the_study_with_status_75_and_the_rerun_resumes(ckplus48_d
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no epoch-1 checkpoint"
         time.sleep(0.1)
-    sent = time.monotonic()
+    saved = max(int(d.name) for d in (workdir / checkpoint.LATEST_DIR).iterdir() if d.name.isdigit())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    acted = time.monotonic() - sent
     assert proc.returncode == cli.EXIT_PREEMPTED, err[-3000:]
     assert err.splitlines()[-1].endswith(": " + crossval.RESUME), err[-3000:]
     assert err.splitlines()[-1].startswith("pre-empted (SIGTERM) ")
-    # The study stops after the running step (well under a second here); exiting the interpreter
-    # takes the rest, seconds on a loaded machine, within a typical 30 s grace period.
-    assert acted < 30, f"took {acted:.1f} s to stop after SIGTERM"
+    # It stops in the epoch it was in, or after it: not at the end of 40 (a bound in steps, not in
+    # seconds, which a loaded machine stretches; the 120 s above catches a hang).
+    stopped = int(re.search(r"epoch (\d+):", err.splitlines()[-1]).group(1))
+    assert saved <= stopped <= saved + 2, (saved, stopped)
     assert not (workdir / "summary.json").exists()
     rerun = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -245,10 +245,9 @@ def test_sigterm_saves_and_resumes(tmp_path, data_dir, reference_run):
     proc = subprocess.Popen(_main_cmd(workdir, data_dir, "--config.num_epochs=3"), cwd=REPO,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: committed_steps(workdir), proc)
-    sent = time.monotonic()
+    saved = max(committed_steps(workdir))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
-    acted = time.monotonic() - sent
     assert proc.returncode == 75, err[-3000:]  # fermsca.cli.EXIT_PREEMPTED
     assert "pre-empted at step" in err
     step = int(err.split("pre-empted at step")[1].split(":")[0])
@@ -257,8 +256,9 @@ def test_sigterm_saves_and_resumes(tmp_path, data_dir, reference_run):
         progress = json.load(f)
     assert progress["status"] == "preempted" and progress["step"] == step
     assert len(progress["history"]) == int(progress["epoch"]) and progress["num_epochs"] == 3
-    # Outside compilation a pre-emption is honoured well within a typical 30 s grace period.
-    assert acted < 30, f"took {acted:.1f} s to save and exit after SIGTERM"
+    # Honoured at the next step, not at the end of the run (8 steps an epoch, 24 in all): a bound in
+    # steps, since a loaded machine stretches seconds; the time-out above catches a hang.
+    assert saved <= step <= saved + 8 and step < 24, (saved, step)
     _, meta = checkpoint.load_checkpoint(os.path.join(workdir, checkpoint.LATEST_DIR, str(step)))
     run_main(workdir, data_dir)
     assert_same_params(final_params(reference_run[0]), final_params(workdir))
